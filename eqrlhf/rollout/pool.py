@@ -1,0 +1,395 @@
+"""A pool of rollout engines as Ray actors: one way to generate, whatever the engine.
+
+The engines (``rollout.engine``: ``vllm`` or ``hf``) live in a placement group of their
+own, one bundle per engine (``rollout.cpus_per_engine`` CPUs, ``rollout.gpus_per_engine``
+GPUs, fractions allowed), so rollout capacity is sized apart from the trainer's workers.
+
+* ``generate`` cuts the prompts into one contiguous chunk per engine and puts the
+  answers back in prompt order. An engine whose actor dies is restarted in its bundle,
+  given the current policy weights again, and its chunk is sent again; each chunk's
+  answer is taken exactly once, so no prompt is lost or duplicated. A chunk is tried at
+  most ``1 + rollout.max_retries`` times.
+* ``update_weights`` streams a state dict as buckets through the object store: each
+  bucket is checked (names, shapes) against the checkpoint, ``ray.put`` once and loaded
+  by every engine while the next bucket is being produced. It fails with TimeoutError
+  after ``rollout.sync_timeout_s`` instead of hanging. The pool keeps the object refs of
+  the latest complete update, so a restarted engine gets the current policy, not the
+  checkpoint it was started from. With ``probe`` it also measures the log-prob gap between
+  the trainer and the engines on the same tokens (returned and logged with the sync time).
+
+Sharing a pool with another process (a Ray Train worker gets it through
+``train_loop_config``): it pickles with its actor handles, placement group and weight refs,
+and calls from there reach the same engines (tested). Each copy keeps its own restart
+bookkeeping and weight refs, and an engine a copy restarts is owned by that copy's process
+(it dies with it; the other copy then restarts it again on first use, with the weights *it*
+last pushed). So drive generation and weight sync from one process (e.g. trainer rank 0)
+and call ``shutdown`` from the process that created the pool.
+
+Sampling seeds: chunk ``k`` (first prompt ``start``) samples with a seed derived from
+``(Sampling.seed, start)`` (chunk 0 keeps the seed itself), so sampled rollouts are
+reproducible for a given number of engines; greedy decoding does not depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from eqrlhf.algorithms.logprobs import token_logprobs
+from eqrlhf.rollout.base import Completion, Conversation, Sampling
+from eqrlhf.rollout.weight_sync import (
+    bucket_named_tensors,
+    check_bucket,
+    expected_shapes,
+    pack_bucket,
+    packed_nbytes,
+    unpack_bucket,
+)
+
+logger = logging.getLogger(__name__)
+
+PROBE_TOKENS = 16  # greedy tokens per probe conversation after a weight sync
+
+
+class EngineActor:
+    """Hosts one engine in a Ray actor and gives every engine the same bucketed weight-update calls."""
+
+    def __init__(self, cfg, model_path: str, slot: int = 0, slots: int = 1):
+        from eqrlhf.rollout import resolve_device
+
+        self.kind = cfg.rollout.engine
+        if self.kind == "vllm":
+            from eqrlhf.rollout.vllm_engine import VLLMEngine, cpu_bind_spec
+
+            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+            bind = cpu_bind_spec(cores, slot, slots, cfg.rollout.tensor_parallel_size)
+            self.engine = VLLMEngine.from_config(
+                cfg, model_path, cpu_bind=bind if cfg.rollout.gpus_per_engine == 0 else None
+            )
+        else:
+            from eqrlhf.rollout.hf_engine import HFEngine
+
+            self.engine = HFEngine(
+                model_path,
+                dtype=cfg.model.dtype,
+                trust_remote_code=cfg.model.trust_remote_code,
+                device=resolve_device(cfg.generation.device),
+                batch_size=cfg.generation.batch_size,
+            )
+
+    def generate(self, prompts: list[Conversation], sampling: Sampling) -> list[Completion]:
+        return self.engine.generate(prompts, sampling)
+
+    def begin_weight_update(self) -> None:
+        if self.kind == "vllm":
+            self.engine.begin_weight_update()
+
+    def load_weight_bucket(self, packed: list) -> int:
+        if self.kind == "vllm":
+            return self.engine.load_weight_bucket(packed)
+        tensors = unpack_bucket(packed)
+        self.engine.update_weights(tensors)
+        return len(tensors)
+
+    def finish_weight_update(self) -> None:
+        if self.kind == "vllm":
+            self.engine.finish_weight_update()
+
+    def health(self) -> dict:
+        import psutil
+
+        children = [child.pid for child in psutil.Process().children(recursive=True)]  # vLLM's engine processes
+        return {**self.engine.health(), "pid": os.getpid(), "child_pids": children}
+
+
+RemoteEngine = ray.remote(EngineActor)
+
+
+def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
+    """``min(parts, total)`` contiguous non-empty ``(start, stop)`` ranges covering ``range(total)``."""
+    parts = min(parts, total)
+    if parts == 0:
+        return []
+    bounds = [total * k // parts for k in range(parts + 1)]
+    return [(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+def chunk_sampling(sampling: Sampling, start: int) -> Sampling:
+    return sampling if start == 0 else dataclasses.replace(sampling, seed=(sampling.seed * 7919 + start) % (2**31))
+
+
+@torch.no_grad()
+def completion_logprobs(model, completions: Sequence[Completion]) -> list[list[float]]:
+    """The trainer's side of a log-prob comparison: one forward of a transformers causal LM over
+    prompt + completion per completion, log-probs of the completion tokens under the plain model
+    distribution (what greedy engines report). Each rank's own model: under ZeRO-3 every rank must
+    call it (the forward gathers shards), or use the PPO batch's own log-probs instead.
+    """
+    device = next(model.parameters()).device
+    values = []
+    for c in completions:
+        ids = torch.tensor([c.prompt_token_ids + c.token_ids], device=device)
+        logits = model(ids).logits[:, len(c.prompt_token_ids) - 1 : -1]
+        values.append(token_logprobs(logits, ids[:, len(c.prompt_token_ids) :])[0].tolist())
+    return values
+
+
+def logprob_gap(trainer_logprobs, engine_logprobs, mask=None) -> float:
+    """Mean absolute difference between trainer and engine log-probs of the same tokens.
+
+    Either two ``[B, T]`` tensors (with an optional 0/1 ``mask`` of the tokens to compare,
+    e.g. the response mask the trainer used with ``token_logprobs``), or two sequences of
+    per-sequence lists of equal lengths (``Completion.logprobs`` against the trainer's).
+    Non-finite values are an error, not silently averaged.
+    """
+    if isinstance(trainer_logprobs, torch.Tensor):
+        trainer, engine = trainer_logprobs.float(), torch.as_tensor(engine_logprobs, dtype=torch.float32)
+        if trainer.shape != engine.shape:
+            raise ValueError(f"logprob_gap: trainer {tuple(trainer.shape)} vs engine {tuple(engine.shape)}")
+        keep = torch.ones_like(trainer, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+        trainer, engine = trainer[keep], engine[keep]
+    else:
+        if len(trainer_logprobs) != len(engine_logprobs):
+            raise ValueError(f"logprob_gap: {len(trainer_logprobs)} trainer vs {len(engine_logprobs)} engine sequences")
+        for k, (a, b) in enumerate(zip(trainer_logprobs, engine_logprobs)):
+            if len(a) != len(b):
+                raise ValueError(f"logprob_gap: sequence {k} has {len(a)} trainer and {len(b)} engine log-probs")
+        trainer = torch.tensor([x for seq in trainer_logprobs for x in seq], dtype=torch.float32)
+        engine = torch.tensor([x for seq in engine_logprobs for x in seq], dtype=torch.float32)
+    if trainer.numel() == 0:
+        raise ValueError("logprob_gap: no tokens to compare")
+    if not (torch.isfinite(trainer).all() and torch.isfinite(engine).all()):
+        raise ValueError("logprob_gap: non-finite log-prob among the compared tokens")
+    return float((trainer - engine).abs().mean())
+
+
+class EnginePool:
+    """``rollout.num_engines`` engine actors behind the RolloutEngine interface (see the module docstring)."""
+
+    def __init__(self, cfg, model: str | None = None):
+        from eqrlhf.models.loading import resolve_model_path
+        from eqrlhf.ray_utils import init_ray
+
+        r = cfg.rollout
+        if r.engine == "hf" and r.tensor_parallel_size != 1:
+            raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.engine=vllm")
+        if r.gpus_per_engine > 1 and r.gpus_per_engine < r.tensor_parallel_size:
+            raise ValueError(
+                f"rollout.gpus_per_engine={r.gpus_per_engine} is less than "
+                f"rollout.tensor_parallel_size={r.tensor_parallel_size}"
+            )
+        if 0 < r.gpus_per_engine < 1 and r.engine == "vllm" and r.gpu_memory_utilization > r.gpus_per_engine:
+            raise ValueError(
+                f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} is more than this engine's GPU share "
+                f"rollout.gpus_per_engine={r.gpus_per_engine}: engines sharing a GPU would not all fit"
+            )
+        self.cfg = cfg
+        self.model_name = model or cfg.model.name_or_path
+        self.model_path = resolve_model_path(self.model_name)  # fails here, before any cluster resource
+        local = Path(self.model_path).is_dir()
+        self._shapes = expected_shapes(self.model_path) if local else None
+        init_ray()
+        self._check_cluster_fits()
+        bundle = {"CPU": r.cpus_per_engine, **({"GPU": r.gpus_per_engine} if r.gpus_per_engine else {})}
+        self._pg = placement_group([dict(bundle) for _ in range(r.num_engines)], strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=r.sync_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(self._pg)
+            raise TimeoutError(
+                f"no room for {r.num_engines} engine(s) of {bundle} within rollout.sync_timeout_s="
+                f"{r.sync_timeout_s} s (cluster has {ray.available_resources()})"
+            ) from None
+        self._slots = self._node_slots()
+        self._weight_refs: list[ray.ObjectRef] = []  # buckets of the latest complete update
+        self.restarts = [0] * r.num_engines
+        self._engines: list = [self._launch(i) for i in range(r.num_engines)]
+        try:
+            ray.get([engine.health.remote() for engine in self._engines])  # start-up errors surface here
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- placement ----------------------------------------------------------
+    def _check_cluster_fits(self) -> None:
+        r = self.cfg.rollout
+        total = ray.cluster_resources()
+        for key, need in (("CPU", r.cpus_per_engine), ("GPU", r.gpus_per_engine)):
+            if need and need * r.num_engines > total.get(key, 0):
+                raise ValueError(
+                    f"rollout.num_engines={r.num_engines} x {need} {key} exceeds the cluster's "
+                    f"{total.get(key, 0)} {key} (rollout.{'cpus' if key == 'CPU' else 'gpus'}_per_engine)"
+                )
+
+    def _node_slots(self) -> list[tuple[int, int]]:
+        """(position among the engines on its node, engines on that node) per engine, for CPU core splitting."""
+        nodes = placement_group_table(self._pg)["bundles_to_node_id"]
+        order = [nodes[i] for i in range(len(nodes))]
+        return [(order[:i].count(node), order.count(node)) for i, node in enumerate(order)]
+
+    def _launch(self, index: int):
+        slot, slots = self._slots[index]
+        return RemoteEngine.options(
+            num_cpus=self.cfg.rollout.cpus_per_engine,
+            num_gpus=self.cfg.rollout.gpus_per_engine,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
+            max_restarts=0,
+        ).remote(self.cfg, self.model_path, slot, slots)
+
+    def _restart(self, index: int) -> None:
+        """Replace engine ``index`` by a fresh actor in the same bundle holding the current weights."""
+        ray.kill(self._engines[index], no_restart=True)
+        self.restarts[index] += 1
+        logger.warning("restarting rollout engine %d (restart %d)", index, self.restarts[index])
+        engine = self._launch(index)
+        ray.get(engine.health.remote())
+        if self._weight_refs:
+            calls = [engine.begin_weight_update.remote()]
+            calls += [engine.load_weight_bucket.remote(ref) for ref in self._weight_refs]
+            calls.append(engine.finish_weight_update.remote())
+            try:
+                ray.get(calls, timeout=self.cfg.rollout.sync_timeout_s)
+            except GetTimeoutError:
+                raise TimeoutError(
+                    f"restarted engine {index} did not take the current weights within "
+                    f"rollout.sync_timeout_s={self.cfg.rollout.sync_timeout_s} s"
+                ) from None
+        self._engines[index] = engine
+
+    # -- RolloutEngine ------------------------------------------------------
+    def generate(self, prompts: Sequence[Conversation], sampling: Sampling) -> list[Completion]:
+        """``len(prompts) * sampling.n`` completions ordered by prompt then sample, across all engines."""
+        prompts = list(prompts)
+        chunks = split_evenly(len(prompts), len(self._engines))
+        answers: dict[int, list[Completion]] = {}
+        pending = {self._submit(k, chunks[k], prompts, sampling): (k, 0) for k in range(len(chunks))}
+        while pending:
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            k, attempt = pending.pop(ref)
+            try:
+                completions = ray.get(ref)
+            except RayActorError as err:
+                start, stop = chunks[k]
+                if attempt >= self.cfg.rollout.max_retries:
+                    raise RuntimeError(
+                        f"rollout engine {k} died {attempt + 1} time(s) serving prompts {start}..{stop - 1} "
+                        f"(rollout.max_retries={self.cfg.rollout.max_retries})"
+                    ) from err
+                self._restart(k)
+                pending[self._submit(k, chunks[k], prompts, sampling)] = (k, attempt + 1)
+                continue
+            start = chunks[k][0]
+            answers[k] = [dataclasses.replace(c, prompt_index=c.prompt_index + start) for c in completions]
+        return [c for k in range(len(chunks)) for c in answers[k]]
+
+    def _submit(self, k: int, chunk: tuple[int, int], prompts: list, sampling: Sampling):
+        start, stop = chunk
+        return self._engines[k].generate.remote(prompts[start:stop], chunk_sampling(sampling, start))
+
+    def update_weights(
+        self,
+        named_tensors: Iterable[tuple[str, object]],
+        bucket_bytes: int | None = None,
+        probe: tuple[Sequence[Conversation], Callable[[list[Completion]], list[list[float]]]] | None = None,
+    ) -> dict:
+        """Stream new policy weights to every engine; returns sync statistics (also logged).
+
+        ``probe = (conversations, trainer_logprobs)``: after the sync the pool answers the
+        conversations greedily and ``stats["logprob_gap"]`` is :func:`logprob_gap` between
+        ``trainer_logprobs(completions)`` (the trainer's forward over the same tokens, e.g.
+        :func:`completion_logprobs`) and the engines' log-probs: near 0 when the engines hold
+        exactly the trainer's weights.
+        """
+        r = self.cfg.rollout
+        bucket_bytes = bucket_bytes or int(r.sync_bucket_mb * 2**20)
+        started = time.perf_counter()
+        refs, calls, nbytes, tensors = [], {i: [] for i in range(len(self._engines))}, 0, 0
+        try:
+            for bucket in bucket_named_tensors(named_tensors, bucket_bytes):
+                packed = pack_bucket(bucket)
+                if self._shapes is not None:
+                    check_bucket(packed, self._shapes, self.model_name)
+                if not refs:
+                    for i, engine in enumerate(self._engines):
+                        calls[i].append(engine.begin_weight_update.remote())
+                refs.append(ray.put(packed))
+                nbytes, tensors = nbytes + packed_nbytes(packed), tensors + len(packed)
+                for i, engine in enumerate(self._engines):
+                    calls[i].append(engine.load_weight_bucket.remote(refs[-1]))
+        except Exception:
+            if refs:  # engines hold a half-applied update: put them back on the previous weights
+                self._restart_all()
+            raise
+        if not refs:
+            raise ValueError("update_weights: no tensors given")
+        for i, engine in enumerate(self._engines):
+            calls[i].append(engine.finish_weight_update.remote())
+        previous, self._weight_refs = self._weight_refs, refs
+        self._await_sync(calls, previous, started)
+        seconds = time.perf_counter() - started
+        stats = {"sync_seconds": seconds, "bytes": nbytes, "tensors": tensors, "buckets": len(refs)}
+        if probe is not None:
+            conversations, trainer_logprobs = probe
+            completions = self.generate(conversations, Sampling(max_new_tokens=PROBE_TOKENS))
+            stats["logprob_gap"] = logprob_gap(trainer_logprobs(completions), [c.logprobs for c in completions])
+        logger.info(
+            "weight sync: %d tensors, %.1f MB in %d bucket(s) to %d engine(s) in %.2f s, log-prob gap %s",
+            tensors, nbytes / 2**20, len(refs), len(self._engines), seconds, stats.get("logprob_gap", "not probed"),
+        )  # fmt: skip
+        return stats
+
+    def _await_sync(self, calls: dict[int, list], previous: list, started: float) -> None:
+        r = self.cfg.rollout
+        everything = [ref for refs in calls.values() for ref in refs]
+        remaining = max(0.0, started + r.sync_timeout_s - time.perf_counter())
+        _, late = ray.wait(everything, num_returns=len(everything), timeout=remaining)
+        late = set(late)
+        stuck = [i for i, refs in calls.items() if late & set(refs)]
+        for i in stuck:  # a hung engine is replaced on its next use, with the new weights
+            ray.kill(self._engines[i], no_restart=True)
+        if stuck:
+            raise TimeoutError(
+                f"weight sync to engine(s) {stuck} did not finish within rollout.sync_timeout_s={r.sync_timeout_s} s; "
+                "they were stopped and will restart with the new weights"
+            )
+        for i, refs in calls.items():
+            try:
+                ray.get(refs)
+            except RayActorError:  # died during the sync: a fresh engine gets the new weights
+                self._restart(i)
+            except Exception:  # an engine refused the update: every engine back to the previous weights
+                self._weight_refs = previous
+                self._restart_all()
+                raise
+
+    def _restart_all(self) -> None:
+        for i in range(len(self._engines)):
+            self._restart(i)
+
+    def health(self) -> list[dict]:
+        return [
+            {**state, "restarts": self.restarts[i]}
+            for i, state in enumerate(ray.get([e.health.remote() for e in self._engines]))
+        ]
+
+    def shutdown(self) -> None:
+        for engine in self._engines:
+            ray.kill(engine, no_restart=True)
+        self._engines = []
+        remove_placement_group(self._pg)
+
+    def __enter__(self) -> EnginePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
