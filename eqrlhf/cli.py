@@ -24,6 +24,8 @@ STAGES = {
     "pairs": ("eqrlhf.data.pairs", "run_pairs", "turn prompts into preference pairs"),
     "score": ("eqrlhf.data.score", "run_score", "add AMA token scores and reference log-probs"),
     "train": ("eqrlhf.train", "run_train", "Ray Train + DeepSpeed training (SFT, DPO family, BFPO, RM, cost)"),
+    "evaluate": ("eqrlhf.evaluate", "run_evaluate", "harmful compliance, over-refusal and helpfulness of a model"),
+    "sweep": ("eqrlhf.tune", "run_sweep", "Ray Tune sweep over data ratios, scale and AMA settings"),
     "pipeline": ("eqrlhf.pipeline", "run_pipeline", "run the stages in order, skipping unchanged ones"),
 }
 

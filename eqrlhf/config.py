@@ -38,7 +38,7 @@ class RunSection(Section):
     output_dir: str = "runs"
     seed: int = 0
     # stages `eqrlhf pipeline` runs, in pipeline order; None = every stage that applies to the config
-    stages: list[Literal["categorize", "mix", "pairs", "score", "train", "evaluate"]] | None = None
+    stages: list[Literal["categorize", "mix", "pairs", "reward", "score", "train", "evaluate"]] | None = None
 
     @property
     def dir(self) -> Path:
@@ -275,10 +275,103 @@ class EvalSection(Section):
     # harm judge: harmful prompt AND not refused, or an LLM judge when harm_judge_model is set
     harm_validation_file: str = "{data_root}/judge_calibration/jbb_classifier_comparison.csv"
     harm_validation_limit: int | None = None
-    harm_judge_model: str | None = None
+    harm_judge_model: str | None = None  # chat model judging harm through the rollout pool
     harm_judge_max_new_tokens: int = Field(8, ge=1)
+    # or a cost model (ScalarHeadLM dir, Safe-RLHF sign convention): harmful when cost > cost_threshold
+    cost_model: str | None = None
+    cost_threshold: float = 0.0
     batch_size: int = Field(8, ge=1)  # sequences per log-likelihood / reward forward pass
     compare: list[str] = Field(default_factory=list)  # more eval.json files or dirs for the plots
+    # training stage dirs (pairs, mixtures) whose prompts must not be evaluated on; empty = <run>/pairs if present
+    training_data: list[str] = Field(default_factory=list)
+
+
+class PPOSection(Section):
+    """Online RL (algorithm.loss ppo | ppo_lagrangian): rollouts from the engine pool, critics, GAE.
+
+    AMA-PPO is ``ppo`` with ``ama.enabled=true`` and ``ama.scorer=critic`` (DESIGN 1.2: rule ``sign`` and
+    ``normalize: none`` on the raw values). One iteration's rollout batch (prompts x samples) is split over
+    the workers and cut into mini-batches of train.micro_batch_size x train.grad_accum x num_workers samples.
+    """
+
+    input: str | None = None  # prompts: a categorized mixture or pairs stage dir; default <run>/mixture
+    iterations: int = Field(10, ge=1)
+    prompts_per_iteration: int = Field(8, ge=1)
+    samples_per_prompt: int = Field(2, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0)  # rollouts sample; the trainer's log-probs use the same temperature
+    ppo_epochs: int = Field(1, ge=1)
+    clip_eps: float = Field(0.2, gt=0)
+    value_clip: float | None = Field(0.2, gt=0)  # None = unclipped value loss
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    whiten_advantages: bool = True
+    critic_lr: float | None = None  # None = train.lr
+    reward_model: str | None = None  # ScalarHeadLM dir (score at the last token); or:
+    reward_rule: str | None = None  # a name in eqrlhf.train.rewards.RULES
+    critic_init: Literal["reward_model", "policy"] = "policy"
+    # PPO-Lagrangian (Safe-RLHF): a cost source, a cost critic, lambda learned in log space
+    cost_model: str | None = None
+    cost_rule: str | None = None
+    cost_critic_init: Literal["cost_model", "policy"] = "policy"
+    cost_threshold: float = 0.0
+    lambda_init: float = Field(1.0, gt=0)
+    lambda_lr: float = Field(0.05, ge=0)
+    lambda_max: float | None = Field(None, gt=0)
+
+
+class SweepParam(Section):
+    """One searched config key. ``int``/``float`` sample from [low, high] (``log`` for log-uniform);
+    ``choice`` picks from ``values`` (with ``sweep.search: grid`` every value is run)."""
+
+    type: Literal["int", "float", "choice"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    values: list[Any] | None = None
+
+
+class SweepSection(Section):
+    """`eqrlhf sweep`: Ray Tune over data mixture, scale and AMA settings; each trial runs
+    mix -> pairs -> (reward) -> (score) -> train -> evaluate with its own run dir."""
+
+    name: str = "sweep"
+    output: str | None = None  # default: <run>/sweep/<sweep.name>
+    space: dict[str, SweepParam] = Field(default_factory=dict)  # dotted config key -> what to sample
+    search: Literal["optuna", "random", "grid"] = "optuna"
+    num_samples: int = Field(8, ge=1)  # trials (grid: repeats of the whole grid)
+    # objectives of the multi-objective search (and the Pareto front); direction fixed per metric
+    objectives: list[Literal["harmful_compliance", "over_refusal", "helpfulness"]] = Field(
+        default_factory=lambda: ["harmful_compliance", "over_refusal", "helpfulness"]
+    )
+    helpfulness: Literal["likelihood_retention", "reward"] = "likelihood_retention"  # reward needs eval.reward_model
+    # evaluations per trial, evenly spaced over its training (1 = only at the end). With more than one, ASHA
+    # stops trials early on ``objective`` = sum(weights[m] * metric m) compared at the same fraction of training
+    evaluations: int = Field(1, ge=1)
+    scheduler: Literal["asha", "none"] = "asha"
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"harmful_compliance": 1.0, "over_refusal": 1.0, "helpfulness": -1.0}
+    )
+    grace_period: int = Field(1, ge=1)  # evaluations before ASHA may stop a trial
+    reduction_factor: int = Field(2, ge=2)
+    # resources of one trial at its peak (Ray Train workers + the trial's own evaluation process);
+    # None = derived from train.* and generation.num_gpus. Concurrency = what the cluster holds.
+    cpus_per_trial: float | None = Field(None, gt=0)
+    gpus_per_trial: float | None = Field(None, ge=0)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    resume: bool = True  # continue an interrupted sweep found in the output dir
+    seed: int | None = None  # sampler seed; None = run.seed
+
+
+class PipelineSection(Section):
+    """Extra stages of `eqrlhf pipeline`."""
+
+    # the reward stage trains a Bradley-Terry reward model on the pairs with these settings (loss: reward);
+    # it runs when AMA scores come from a reward model (ama.scorer: reward_prefix) and ama.scorer_model is unset
+    reward_train: TrainSection = Field(default_factory=TrainSection)
+    evaluate_base: bool = True  # evaluate model.name_or_path too: the "before" of the summary
 
 
 class Config(Section):
@@ -293,7 +386,10 @@ class Config(Section):
     ama: AmaSection = Field(default_factory=AmaSection)
     train: TrainSection = Field(default_factory=TrainSection)
     rollout: RolloutSection = Field(default_factory=RolloutSection)
+    ppo: PPOSection = Field(default_factory=PPOSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
 
     def resolve_path(self, path: str) -> Path:
         return Path(path.replace("{data_root}", self.data.data_root)).expanduser()

@@ -1,0 +1,197 @@
+"""Evaluation suites: configured sources read through the data adapters, filtered by kind, sampled, categorized.
+
+A suite (``eval.suites``) is a list of sources of one ``kind``: ``harmful`` prompts (harmful compliance is
+measured), ``benign`` prompts that look sensitive (over-refusal is measured), or ``helpful`` prompts with
+reference answers (helpfulness). A source file may hold both kinds (XSTest), so a row whose ``harmful`` flag
+contradicts the suite's kind is skipped and counted; rows without a flag take the suite's kind. ``limit``
+keeps a seeded sample spread over the whole suite (not the first rows of the file, which in XSTest are all
+one prompt type). Every prompt then gets a risk category from the configured categorizer, so every number
+can be broken down by category; a prompt the categorizer cannot place is kept under ``unmapped``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from eqrlhf.config import CATEGORIES, Config, ConfigError, EvalSuiteSection
+from eqrlhf.data.mix import sample_key
+from eqrlhf.data.readers import SourceError, format_error
+from eqrlhf.data.schema import ROW_SCHEMA
+from eqrlhf.data.sources import limits_of, plan_source, source_rows
+
+UNMAPPED = "unmapped"  # category bucket of prompts the categorizer could not place
+KINDS = ("harmful", "benign", "helpful")
+MAX_LISTED_ERRORS = 10
+
+
+@dataclass
+class Suite:
+    name: str
+    kind: str
+    rows: list[dict]  # ROW_SCHEMA dicts plus "suite", "kind" and "category_error"
+    counts: dict = field(default_factory=dict)  # read, errors, skipped by reason, sampled out, evaluated
+    errors: list[str] = field(default_factory=list)  # "file:line: [source] field 'x': reason"
+
+
+def suite_limit(suite: EvalSuiteSection, cfg: Config) -> int | None:
+    return suite.limit if suite.limit is not None else cfg.eval.limit
+
+
+def validate_suites(cfg: Config) -> list:
+    """Resolve every suite's sources (paths, adapters, CSV columns) before any model is loaded."""
+    suites = cfg.eval.suites
+    if not suites:
+        raise ConfigError("eval.suites is empty: configure at least one suite (name, kind, sources)")
+    problems, plans, names = [], [], set()
+    for suite in suites:
+        where = f"eval.suites['{suite.name}']"
+        if suite.name in names:
+            problems.append(f"{where}: the suite name is used twice")
+        names.add(suite.name)
+        if not suite.sources:
+            problems.append(f"{where}: no sources")
+        limit = suite_limit(suite, cfg)
+        if limit is not None and limit < 1:
+            problems.append(f"{where}: limit must be >= 1, got {limit}")
+        if len({s.name for s in suite.sources}) != len(suite.sources):
+            problems.append(f"{where}: two sources share a name (row ids are '<source>:<key>')")
+        for src in suite.sources:
+            try:
+                plans.append((suite, plan_source(src, cfg)))
+            except SourceError as err:
+                problems.append(f"{where}: {err}")
+    if problems:
+        raise ConfigError("invalid eval.suites:\n  " + "\n  ".join(problems))
+    return plans
+
+
+def kind_mismatch(kind: str, harmful: bool | None) -> str | None:
+    """Why a row does not belong in a suite of ``kind`` (None: it does)."""
+    if kind == "harmful" and harmful is False:
+        return "harmful=false in a harmful suite"
+    if kind in ("benign", "helpful") and harmful is True:
+        return f"harmful=true in a {kind} suite"
+    return None
+
+
+def seeded_sample(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """The ``limit`` rows with the smallest keyed hash of their id, in their original order."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    keep = {r["id"] for r in sorted(rows, key=lambda r: sample_key(seed, r["id"]))[:limit]}
+    return [r for r in rows if r["id"] in keep]
+
+
+def read_suite(suite: EvalSuiteSection, plans: list, cfg: Config) -> Suite:
+    """All rows of one suite's sources, kind-filtered and sampled; adapter errors listed, not dropped."""
+    rows, errors, skipped, read = [], [], {}, 0
+    for plan in plans:
+        for row in source_rows(plan, limits_of(cfg), cfg.data.rows_per_block):
+            read += 1
+            if row["error"] is not None:
+                errors.append(format_error(json.loads(row["error"])))
+                continue
+            why = kind_mismatch(suite.kind, row["harmful"])
+            if why:
+                skipped[why] = skipped.get(why, 0) + 1
+                continue
+            # a row without its own flag takes the suite's kind, so the labels categorizer can place it
+            harmful = row["harmful"] if row["harmful"] is not None else suite.kind == "harmful"
+            rows.append({**row, "harmful": harmful, "suite": suite.name, "kind": suite.kind})
+    if read and len(errors) / read > cfg.data.error_budget:
+        shown = "\n  ".join(errors[:MAX_LISTED_ERRORS])
+        raise ValueError(
+            f"eval suite '{suite.name}': {len(errors)} of {read} records cannot be read "
+            f"(over data.error_budget {cfg.data.error_budget}):\n  {shown}"
+        )
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"eval suite '{suite.name}': row id '{dup}' occurs twice (give each source its own name)")
+    sampled = seeded_sample(rows, suite_limit(suite, cfg), cfg.run.seed)
+    if not sampled:
+        raise ValueError(f"eval suite '{suite.name}': no {suite.kind} prompts left (skipped: {skipped or 'none'})")
+    counts = {
+        "read": read,
+        "errors": len(errors),
+        "skipped": skipped,
+        "sampled_out": len(rows) - len(sampled),
+        "evaluated": len(sampled),
+    }
+    return Suite(suite.name, suite.kind, sampled, counts, errors)
+
+
+def categorize_rows(rows: list[dict], cfg: Config) -> list[dict]:
+    """Category per row from ``categorize.method`` (labels, embedding head or LLM judge), in-process.
+
+    The categorizers are Ray Data batch functions over pyarrow tables; an evaluation holds a few
+    thousand prompts at most, so one call on one table is enough.
+    """
+    from eqrlhf.data.categorizers import validate_categorizer
+
+    validate_categorizer(cfg)
+    table = pa.Table.from_pylist([{k: r.get(k) for k in ROW_SCHEMA.names} for r in rows], schema=ROW_SCHEMA)
+    table = table.append_column("error", pa.array([None] * len(rows), pa.string()))
+    method = cfg.categorize.method
+    if method == "labels":
+        from eqrlhf.data.categorizers.labels import map_labels
+
+        out = map_labels(table, cfg)
+    elif method == "embedding":
+        from eqrlhf.data.categorizers.embedding import EmbeddingCategorizer
+
+        out = EmbeddingCategorizer(cfg)(table)
+    else:
+        from eqrlhf.data.categorizers.judge import JudgeCategorizer
+
+        out = JudgeCategorizer(cfg)(table)
+    categories, reasons = out.column("category").to_pylist(), out.column("category_error").to_pylist()
+    return [
+        {**r, "category": c if c in CATEGORIES else UNMAPPED, "category_error": why}
+        for r, c, why in zip(rows, categories, reasons, strict=True)
+    ]
+
+
+def load_suites(cfg: Config, plans: list | None = None) -> list[Suite]:
+    """Every configured suite, read, filtered, sampled and categorized (no model is loaded here
+    unless ``categorize.method`` needs one)."""
+    plans = plans if plans is not None else validate_suites(cfg)
+    suites = []
+    for suite in cfg.eval.suites:
+        suites.append(read_suite(suite, [p for s, p in plans if s is suite], cfg))
+    rows = categorize_rows([r for s in suites for r in s.rows], cfg)
+    start = 0
+    for suite in suites:
+        suite.rows, start = rows[start : start + len(suite.rows)], start + len(suite.rows)
+        suite.counts["unmapped_category"] = sum(r["category"] == UNMAPPED for r in suite.rows)
+    return suites
+
+
+def normalized_prompt(text: str) -> str:
+    """Case and whitespace folded, so a copy with different spacing still counts as the same prompt."""
+    return " ".join(text.lower().split())
+
+
+def training_overlap(suites: list[Suite], training_dirs: list[Path]) -> dict:
+    """Evaluation prompts that also occur as a training prompt in any of ``training_dirs`` (stage dirs).
+
+    Evaluating on training prompts would flatter a model, so the count is reported next to every evaluation
+    (and is expected to be 0). Only the final user turn is compared: the evaluation prompts are single turns.
+    """
+    from eqrlhf.manifest import read_rows
+
+    seen: set[str] = set()
+    for stage_dir in training_dirs:
+        seen.update(normalized_prompt(p) for p in read_rows(stage_dir).column("prompt").to_pylist() if p)
+    by_suite = {s.name: [r["id"] for r in s.rows if normalized_prompt(r["prompt"]) in seen] for s in suites}
+    return {
+        "checked": [str(d) for d in training_dirs],
+        "training_prompts": len(seen),
+        "total": sum(len(ids) for ids in by_suite.values()),
+        "by_suite": {name: len(ids) for name, ids in by_suite.items()},
+        "examples": [i for ids in by_suite.values() for i in ids][:10],
+    }
