@@ -204,6 +204,12 @@ def _link_final(out: Path, checkpoint: str | None) -> str | None:
 
 def run_train(cfg: Config) -> dict:
     """Validate, train on Ray Train + DeepSpeed, write and return ``<run>/train/manifest.json``."""
+    from eqrlhf.algorithms.ppo import PPO_LOSSES
+
+    if cfg.algorithm.loss in PPO_LOSSES:  # online RL: rollouts from the engine pool (eqrlhf.train.ppo)
+        from eqrlhf.train.ppo import run_ppo
+
+        return run_ppo(cfg)
     plan = prepare_train(cfg)
     out = Path(plan["train_dir"])
     continues_own_output = cfg.train.resume and not cfg.train.resume_from
