@@ -3,22 +3,62 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from eqrlhf.config import load_config
-from eqrlhf.pipeline import run_pipeline, selected_stages
+from eqrlhf.pipeline import effective_config, reward_config, run_pipeline, selected_stages
+from eqrlhf.pipeline_report import flat_summary
 
 DEMO_ONLY_DATA = ["run.stages=[categorize, mix]", "mix.counts={EHD: 5, IHD: 3, MHD: 2}", "mix.general_ratio=1.0"]
 
 
 def test_stage_selection_follows_the_config():
-    cfg = load_config("configs/quickstart.yaml")
-    assert [s.name for s in selected_stages(cfg)] == ["categorize", "mix", "pairs"]
-    cfg = load_config("configs/quickstart.yaml", ["run.stages=null"])
-    assert [s.name for s in selected_stages(cfg)] == ["categorize", "mix", "pairs", "train"]
-    cfg = load_config("configs/quickstart.yaml", ["run.stages=null", "algorithm.loss=ama_dpo"])
-    assert [s.name for s in selected_stages(cfg)] == ["categorize", "mix", "pairs", "score", "train"]
+    everything = ["categorize", "mix", "pairs", "reward", "score", "train", "evaluate"]
+    cfg = load_config("configs/quickstart.yaml")  # AMA-DPO with a reward model the pipeline trains
+    assert [s.name for s in selected_stages(cfg)] == everything
+    given = load_config("configs/quickstart.yaml", ["ama.scorer_model=runs/elsewhere/final"])
+    assert [s.name for s in selected_stages(given)] == [s for s in everything if s != "reward"]
+    plain = load_config("configs/quickstart.yaml", ["algorithm.loss=dpo", "algorithm.reference=in_trainer"])
+    assert [s.name for s in selected_stages(plain)] == ["categorize", "mix", "pairs", "train", "evaluate"]
     cfg = load_config("configs/quickstart.yaml", ["run.stages=[mix]"])
     assert [s.name for s in selected_stages(cfg)] == ["mix"]
+
+
+def test_the_reward_model_path_is_filled_in_only_where_the_config_leaves_it_open():
+    cfg = load_config("configs/quickstart.yaml", ["run.output_dir=/r"])
+    eff = effective_config(cfg)
+    assert eff.ama.scorer_model == eff.eval.reward_model == "/r/quickstart/reward_model/final"
+    reward = reward_config(cfg)
+    assert (reward.algorithm.loss, reward.train.input, reward.train.output) == (
+        "reward",
+        "/r/quickstart/pairs",
+        "/r/quickstart/reward_model",
+    )
+    assert reward.train.micro_batch_size == 2 and reward.train.lr == 1.0e-5  # pipeline.reward_train
+    own = load_config("configs/quickstart.yaml", ["ama.scorer_model=/m/rm", "eval.reward_model=/m/other"])
+    assert (effective_config(own).ama.scorer_model, effective_config(own).eval.reward_model) == ("/m/rm", "/m/other")
+
+
+def test_flat_summary_reads_rates_means_and_categories():
+    doc = {
+        "headline": {
+            "harmful_compliance": {"rate": 0.25, "count": 1, "n": 4},
+            "over_refusal": {"rate": 0.5, "count": 2, "n": 4},
+            "likelihood_retention": {"mean": -0.125, "n": 3},
+        },
+        "helpfulness": {"reward": {"mean": 1.5, "n": 3}},
+        "metrics": {"by_kind_category": {"harmful": {"EHD": {"refusal": {"rate": 0.75}}}}},
+    }
+    assert flat_summary(doc) == {
+        "harmful_compliance": 0.25,
+        "over_refusal": 0.5,
+        "likelihood_retention": -0.125,
+        "reward": 1.5,
+        "refusal/harmful/EHD": 0.75,
+    }
+    assert flat_summary({**doc, "summary": {"harmful_compliance": 0.0}})["harmful_compliance"] == 0.0
 
 
 def test_rerun_skips_unchanged_stages_and_reruns_downstream(tmp_path, ray_local, capsys):
@@ -34,3 +74,46 @@ def test_rerun_skips_unchanged_stages_and_reruns_downstream(tmp_path, ray_local,
     state = json.loads((tmp_path / "quickstart" / "pipeline_state.json").read_text())
     assert set(state) == {"categorize", "mix"}
     assert "unchanged since the last run, skipped" in capsys.readouterr().out
+
+
+def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray_local, capsys):
+    """categorize -> mix -> pairs -> reward -> score -> AMA-DPO -> evaluate -> report, then a rerun skips all."""
+    from eqrlhf.models.loading import load_tokenizer, tiny_llama
+
+    model = tmp_path / "tiny"
+    tokenizer = load_tokenizer("smollm2-135m")
+    tiny_llama(vocab_size=len(tokenizer), seed=0).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    one_step = ["num_workers=1", "zero_stage=0", "micro_batch_size=1", "grad_accum=1", "max_steps=1"]
+    overrides = [
+        f"run.output_dir={tmp_path}",
+        f"model.name_or_path={model}",
+        "mix.counts={EHD: 3, IHD: 2, MHD: 1}",
+        "pairs.missing=skip",
+        "generation.max_new_tokens=4",
+        "eval.limit=2",
+        *[f"train.{o}" for o in one_step],
+        *[f"pipeline.reward_train.{o}" for o in one_step],
+    ]
+    report = run_pipeline(load_config("configs/quickstart.yaml", overrides))
+    run = tmp_path / "quickstart"
+    assert report["train"]["loss"] == "ama_dpo" and report["train"]["steps_run"] == 1
+    assert report["reward"]["loss"] == "reward"
+    ev = report["evaluate"]
+    assert ev["base"]["model"] == str(model) and ev["trained"]["model"].endswith("train/final")
+    for entry in (ev["base"], ev["trained"]):
+        assert Path(entry["eval_json"]).is_file()
+        # 2 prompts per bundled suite: every rate is a count out of 2
+        assert entry["summary"]["harmful_compliance"] in (0.0, 0.5, 1.0)
+        assert entry["summary"]["over_refusal"] in (0.0, 0.5, 1.0)
+    assert ev["base"]["summary"]["likelihood_retention"] == pytest.approx(0.0, abs=1e-6)  # base vs itself
+    assert ev["trained"]["summary"]["reward"] is not None  # the pipeline's reward model scores helpfulness
+    text = (run / "report.md").read_text()
+    assert "| harmful compliance |" in text and "| over-refusal |" in text and "trained" in text
+    shown = capsys.readouterr().out
+    assert "report: " + str(run / "report.md") in shown and "harmful compliance" in shown
+
+    again = run_pipeline(load_config("configs/quickstart.yaml", overrides))
+    stages = ["categorize", "mix", "pairs", "reward", "score", "train", "evaluate"]
+    assert all(again[s].get("skipped") for s in stages), {s: again[s].get("skipped") for s in stages}
+    assert "report" in again

@@ -1,0 +1,11 @@
+"""`ray job submit ... -- python jobs/sweep.py -c CONFIG [key=value ...]`: a Ray Tune sweep as a Ray job."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, when run from a job's working_dir
+
+from eqrlhf.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["sweep", *sys.argv[1:]]))

@@ -1,0 +1,168 @@
+"""Cluster submission as a user does it: `ray start --head` with token authentication and the dashboard on
+loopback only, a pipeline job submitted through the job API with cluster/runtime_env.yaml, its outputs checked,
+and that head (only that head: other Ray clusters may run on this machine) stopped afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+JOB_TIMEOUT_S = 600
+
+
+def free_ports(n: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def head_processes(temp_dir: str) -> list:
+    """The processes of the head started in ``temp_dir``: every one of them names its session dir."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def stop_head(temp_dir: str) -> None:
+    """`ray stop` would stop every Ray process on the machine; terminate only this head's, by pid."""
+    import psutil
+
+    procs = head_processes(temp_dir)
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def token_head():
+    """A local head with RAY_AUTH_MODE=token, its own ports, its own token file and a short temp dir."""
+    temp_dir = tempfile.mkdtemp(prefix="eqrjob")  # short: Ray's unix sockets live under it
+    token_file = Path(temp_dir) / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    gcs, dash, client, node, objm, agent, agent_grpc, metrics, renv = free_ports(9)
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        RAY, "start", "--head", f"--port={gcs}", "--num-cpus=8", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+        f"--node-manager-port={node}", f"--object-manager-port={objm}", f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={renv}", "--min-worker-port=0", "--max-worker-port=0",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        try:
+            started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            assert started.returncode == 0, started.stdout + started.stderr
+            for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):  # the job client reads the token like the CLI
+                patch.setenv(key, env[key])
+            patch.delenv("RAY_ADDRESS", raising=False)
+            yield {"address": f"http://127.0.0.1:{dash}", "dashboard_port": dash, "temp_dir": temp_dir}
+        finally:
+            stop_head(temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(client, **kwargs) -> str:
+    """Submit, retrying while the dashboard agent is not accepting jobs yet (seconds on a loaded machine)."""
+    deadline = time.time() + 120
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(3)
+
+
+def dashboard_listens_on_loopback_only(port: int) -> bool:
+    import psutil
+
+    bound = [
+        c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == "LISTEN"
+    ]
+    return bool(bound) and all(ip in ("127.0.0.1", "::1") for ip in bound)
+
+
+def test_pipeline_job_through_the_job_api(token_head, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    assert dashboard_listens_on_loopback_only(token_head["dashboard_port"])
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    runtime_env["working_dir"] = str(REPO)  # the file says "." for `ray job submit` run from the repo root
+    out = tmp_path / "runs"
+    entrypoint = (
+        f"{sys.executable} jobs/pipeline.py -c configs/quickstart.yaml 'run.stages=[categorize, mix, pairs]' "
+        f"run.output_dir={out} 'mix.counts={{EHD: 5, IHD: 3, MHD: 2}}' pairs.missing=skip"
+    )
+    client = JobSubmissionClient(token_head["address"])
+    job_id = submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
+    deadline = time.time() + JOB_TIMEOUT_S
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, f"job {job_id} still {status} after {JOB_TIMEOUT_S}s"
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "[pipeline] finished" in logs
+
+    run = out / "quickstart"
+    categorized = json.loads((run / "categorized" / "manifest.json").read_text())
+    mixture = json.loads((run / "mixture" / "manifest.json").read_text())
+    pairs = json.loads((run / "pairs" / "manifest.json").read_text())
+    assert categorized["rows_written"] == 160  # the whole demo corpus, each row categorized
+    assert mixture["rows_written"] == 20  # 5 + 3 + 2 safety rows and as many general rows
+    # pairs.missing=skip: rows the mix picked without a source pair are counted, not dropped silently
+    assert pairs["rows_written"] + pairs["filtered"].get("no pair", 0) == 20
+    assert json.loads((run / "pipeline_state.json").read_text()).keys() == {"categorize", "mix", "pairs"}
+
+
+def test_job_api_refuses_a_request_without_the_token(token_head):
+    """A plain HTTP request without the bearer token is turned away (the SDK caches its token per process,
+    so this goes below it); with the token the same request is answered."""
+    import urllib.error
+    import urllib.request
+
+    url = token_head["address"] + "/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=30)
+    assert refused.value.code in (401, 403)
+    token = Path(token_head["temp_dir"], "auth_token").read_text().strip()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as answered:
+        assert answered.status == 200
