@@ -128,8 +128,9 @@ def test_missing_error_and_unavailable_engine_fail_before_writing(mixture):
     cfg = config(mixture, pairs__missing="error")
     with pytest.raises(ValueError, match=r"row t:m1 in .*mixture has no chosen/rejected pair \(3 of 8 rows lack one\)"):
         run_pairs(cfg)
-    with pytest.raises(ConfigError, match="generation.engine=vllm is not available yet"):
-        run_pairs(config(mixture, generation__engine="vllm"))
+    # vLLM loads safetensors directories: a GGUF model is refused before anything is written
+    with pytest.raises(ConfigError, match="generation.engine=vllm loads safetensors directories"):
+        run_pairs(config(mixture, generation__engine="vllm", model__gguf_file="model.gguf"))
     assert not (cfg.run.dir / "pairs").exists()
 
 
