@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -99,16 +98,40 @@ def token_head():
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(client, **kwargs) -> str:
-    """Submit, retrying while the dashboard agent is not accepting jobs yet (seconds on a loaded machine)."""
-    deadline = time.time() + 120
-    while True:
-        try:
-            return client.submit_job(**kwargs)
-        except RuntimeError as err:
-            if "No available agent" not in str(err) or time.time() > deadline:
-                raise
-            time.sleep(3)
+# The job SDK caches its auth token per process, and the test process may already have run Ray for other
+# tests, so the job is submitted and watched from a fresh process, as `ray job submit` would be.
+SUBMIT_AND_WAIT = """
+import json, sys, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+address, entrypoint, runtime_env, timeout = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), float(sys.argv[4])
+client = JobSubmissionClient(address)
+deadline = time.time() + 120
+while True:  # the dashboard agent can need seconds before it accepts jobs on a loaded machine
+    try:
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        break
+    except RuntimeError as err:
+        if "No available agent" not in str(err) or time.time() > deadline:
+            raise
+        time.sleep(3)
+deadline = time.time() + timeout
+while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+    if time.time() > deadline:
+        break
+    time.sleep(2)
+print(json.dumps({"job_id": job_id, "status": str(status.value), "logs": client.get_job_logs(job_id)}))
+"""
+
+
+def submit_and_wait(address: str, entrypoint: str, runtime_env: dict) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", SUBMIT_AND_WAIT, address, entrypoint, json.dumps(runtime_env), str(JOB_TIMEOUT_S)],
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S + 300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def dashboard_listens_on_loopback_only(port: int) -> bool:
@@ -121,8 +144,6 @@ def dashboard_listens_on_loopback_only(port: int) -> bool:
 
 
 def test_pipeline_job_through_the_job_api(token_head, tmp_path):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
     assert dashboard_listens_on_loopback_only(token_head["dashboard_port"])
     runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     runtime_env["working_dir"] = str(REPO)  # the file says "." for `ray job submit` run from the repo root
@@ -131,15 +152,9 @@ def test_pipeline_job_through_the_job_api(token_head, tmp_path):
         f"{sys.executable} jobs/pipeline.py -c configs/quickstart.yaml 'run.stages=[categorize, mix, pairs]' "
         f"run.output_dir={out} 'mix.counts={{EHD: 5, IHD: 3, MHD: 2}}' pairs.missing=skip"
     )
-    client = JobSubmissionClient(token_head["address"])
-    job_id = submit(client, entrypoint=entrypoint, runtime_env=runtime_env)
-    deadline = time.time() + JOB_TIMEOUT_S
-    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, f"job {job_id} still {status} after {JOB_TIMEOUT_S}s"
-        time.sleep(2)
-    logs = client.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "[pipeline] finished" in logs
+    job = submit_and_wait(token_head["address"], entrypoint, runtime_env)
+    assert job["status"] == "SUCCEEDED", f"job {job['job_id']}: {job['status']}\n{job['logs'][-3000:]}"
+    assert "[pipeline] finished" in job["logs"]
 
     run = out / "quickstart"
     categorized = json.loads((run / "categorized" / "manifest.json").read_text())
