@@ -138,7 +138,7 @@ def _category_rows(base: dict | None, trained: dict) -> list[str]:
     return rows
 
 
-def _stage_rows(report: dict, timings: dict) -> list[str]:
+def _stage_rows(timings: dict) -> list[str]:
     rows = []
     for name, seconds in timings.items():
         status = "skipped (unchanged)" if seconds is None else f"{seconds:.1f} s"
@@ -183,7 +183,7 @@ def write_report(cfg: Config, report: dict, timings: dict, seconds: float) -> Pa
         lines += ["", "## Training", "", f"{train.get('steps_run', '?')} steps of `{train.get('loss')}`: {shown}."]
         lines.append(f"Checkpoint `{train.get('final')}`; metrics `{train.get('metrics_file')}`.")
     lines += ["", f"## Stages ({seconds:.0f} s this run)", "", "| stage | time |", "|---|---|"]
-    lines += _stage_rows(report, timings)
+    lines += _stage_rows(timings)
     path = cfg.run.dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -163,3 +163,17 @@ def load_training_checkpoint(engine, path: Path) -> dict:
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no state under {Path(path) / DS_DIR}/{DS_TAG}")
     return state
+
+
+def load_resume_state(plan: dict, load) -> dict | None:
+    """``load(dir)`` on the checkpoint to continue from: Ray Train's latest after a worker crash, else the
+    run's ``resume_from`` (train.resume / train.resume_from); None for a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            return load(Path(path))
+    if plan["resume_from"]:
+        return load(Path(plan["resume_from"]))
+    return None

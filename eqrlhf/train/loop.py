@@ -26,6 +26,7 @@ from eqrlhf.config import Config, from_dict
 from eqrlhf.train.batching import PairSource, collate, loss_kind, read_columns, step_rows, worker_micro_batches
 from eqrlhf.train.checkpoint import (
     checkpoint_dir_name,
+    load_resume_state,
     load_training_checkpoint,
     save_training_checkpoint,
     trainer_state,
@@ -261,15 +262,8 @@ def optimizer_step(engine, reference, batches: list[dict], spec: StepSpec, accum
 
 def restore(engine, plan: dict) -> int:
     """Load the checkpoint to continue from (Ray's latest after a crash, else train.resume*); return its step."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            state = load_training_checkpoint(engine, Path(path))
-    elif plan["resume_from"]:
-        state = load_training_checkpoint(engine, Path(plan["resume_from"]))
-    else:
+    state = load_resume_state(plan, lambda path: load_training_checkpoint(engine, path))
+    if state is None:
         return 0
     if state["global_batch"] != plan["global_batch"]:
         raise ValueError(

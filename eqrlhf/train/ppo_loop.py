@@ -32,6 +32,7 @@ from eqrlhf.config import Config, from_dict
 from eqrlhf.train.checkpoint import (
     DS_TAG,
     checkpoint_dir_name,
+    load_resume_state,
     load_training_checkpoint,
     save_model_weights,
     save_training_checkpoint,
@@ -298,15 +299,8 @@ def _load_all(models: Models, path: Path) -> dict:
 
 def restore(models: Models, plan: dict) -> tuple[int, float | None]:
     """(iterations done, log lambda) from Ray's latest checkpoint after a crash, else train.resume*, else (0, None)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            state = _load_all(models, Path(path))
-    elif plan["resume_from"]:
-        state = _load_all(models, Path(plan["resume_from"]))
-    else:
+    state = load_resume_state(plan, lambda path: _load_all(models, path))
+    if state is None:
         return 0, None
     return int(state["step"]), state.get("log_lambda")
 
