@@ -1,7 +1,9 @@
 """DeepSpeed configuration and the learning-rate schedule, built from ``TrainSection``.
 
-The optimizer is DeepSpeed's own AdamW: FusedAdam on GPU, the JIT-compiled CPU Adam op on CPU or with
-optimizer offload (the first run in a fresh environment compiles it, about 20 s). The LR schedule is a
+The optimizer is AdamW with the same settings everywhere: DeepSpeed's FusedAdam on GPU, its CPU Adam op
+with optimizer offload, and ``torch.optim.AdamW`` for plain CPU training (:func:`initialize_engine`). The
+CPU Adam op is JIT-compiled on first use in every new environment (95 s on an idle 2-core machine, several
+minutes under load), which a CPU run without offload does not need to pay. The LR schedule is a
 plain function of the optimizer step, wrapped in a ``LambdaLR`` that DeepSpeed steps at every
 accumulation boundary and saves in its checkpoint (only the step count: the lambda is a closure, so a
 resumed run takes the schedule from its own config and continues the same curve).
@@ -46,6 +48,28 @@ def build_ds_config(train: TrainSection, world_size: int) -> dict:
         "steps_per_print": 10**9,  # our own metrics writer logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+
+
+def initialize_engine(model, ds_config: dict, use_gpu: bool, lr_scheduler=None):
+    """``deepspeed.initialize`` for a trainable model; on CPU without offload, with torch's AdamW.
+
+    The config's "optimizer" block gives the AdamW settings in both cases (ZeRO 1-3 wrap torch's AdamW
+    as they wrap their own), so a config means the same optimizer on a laptop and on a cluster.
+    """
+    import deepspeed
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if not use_gpu and "offload_optimizer" not in ds_config["zero_optimization"]:
+        settings = dict(ds_config["optimizer"]["params"])
+        settings["betas"] = tuple(settings["betas"])
+        optimizer = torch.optim.AdamW(params, **settings)
+        ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer, config=ds_config, lr_scheduler=lr_scheduler
+    )
+    return engine
 
 
 def build_reference_ds_config(train: TrainSection, world_size: int) -> dict:

@@ -31,7 +31,7 @@ from eqrlhf.train.checkpoint import (
     save_training_checkpoint,
     trainer_state,
 )
-from eqrlhf.train.deepspeed_config import build_ds_config, build_reference_ds_config, lr_factor
+from eqrlhf.train.deepspeed_config import build_ds_config, build_reference_ds_config, initialize_engine, lr_factor
 from eqrlhf.train.metrics import MetricsWriter, average_over_workers, memory_metrics
 
 # Test hook for crash recovery: the worker of rank $EQRLHF_TEST_KILL_RANK (default: the last) SIGKILLs
@@ -344,12 +344,7 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer, lambda s: lr_factor(s, total, train.warmup_steps, train.lr_schedule)
         )
 
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=scheduler,
-    )
+    engine = initialize_engine(model, ds_config, train.use_gpu, lr_scheduler=scheduler)
     reference = build_reference(cfg, spec, world, engine.device)
     start = restore(engine, plan)
     source = PairSource(

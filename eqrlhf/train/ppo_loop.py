@@ -38,7 +38,7 @@ from eqrlhf.train.checkpoint import (
     save_training_checkpoint,
     trainer_state,
 )
-from eqrlhf.train.deepspeed_config import build_ds_config, build_reference_ds_config, lr_factor
+from eqrlhf.train.deepspeed_config import build_ds_config, build_reference_ds_config, initialize_engine, lr_factor
 from eqrlhf.train.loop import StepSpec, _zero3_init, build_policy, build_reference
 from eqrlhf.train.metrics import MetricsWriter, average_over_workers, memory_metrics
 from eqrlhf.train.ppo_experience import Models, make_experience, ppo_update
@@ -87,7 +87,6 @@ def _scalar_model(cfg: Config, init_dir: str | None):
 
 def build_critic(cfg: Config, init_dir: str | None, world: int, total_steps: int):
     """A trainable value model in its own DeepSpeed engine (learning rate ``ppo.critic_lr``)."""
-    import deepspeed
 
     train = cfg.train.model_copy(update={"lr": cfg.ppo.critic_lr or cfg.train.lr})
     ds_config = build_ds_config(train, world)
@@ -100,13 +99,7 @@ def build_critic(cfg: Config, init_dir: str | None, world: int, total_steps: int
         for param in model.parameters():
             if not hasattr(param, "ds_id"):
                 param.data = param.data.to(torch.bfloat16)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=list(model.parameters()),
-        config=ds_config,
-        lr_scheduler=_scheduler(cfg, total_steps),
-    )
-    return engine
+    return initialize_engine(model, ds_config, train.use_gpu, lr_scheduler=_scheduler(cfg, total_steps))
 
 
 def build_frozen_scorer(cfg: Config, path: str, world: int, device: torch.device):
@@ -124,19 +117,13 @@ def build_frozen_scorer(cfg: Config, path: str, world: int, device: torch.device
 
 
 def build_models(cfg: Config, plan: dict, world: int) -> Models:
-    import deepspeed
 
     ppo, spec = cfg.ppo, ppo_step_spec(cfg)
     total_steps = plan["total_iterations"] * plan["steps_per_iteration"]
     ds_config = build_ds_config(cfg.train, world)
     keep = _zero3_init(ds_config) if cfg.train.zero_stage == 3 else None  # noqa: F841
     model = build_policy(cfg, spec)
-    policy, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=_scheduler(cfg, total_steps),
-    )
+    policy = initialize_engine(model, ds_config, cfg.train.use_gpu, lr_scheduler=_scheduler(cfg, total_steps))
     reward_model, cost_model = plan["reward_model"], plan["cost_model"]  # absolute paths (None for rules)
     critic = build_critic(cfg, reward_model if ppo.critic_init == "reward_model" else None, world, total_steps)
     lagrangian = cfg.algorithm.loss == "ppo_lagrangian"
