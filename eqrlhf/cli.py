@@ -25,6 +25,8 @@ STAGES = {
     "score": ("eqrlhf.data.score", "run_score", "add AMA token scores and reference log-probs"),
     "train": ("eqrlhf.train", "run_train", "Ray Train + DeepSpeed training (SFT, DPO family, BFPO, RM, cost)"),
     "evaluate": ("eqrlhf.evaluate", "run_evaluate", "harmful compliance, over-refusal and helpfulness of a model"),
+    "control-data": ("eqrlhf.control.selfgen", "run_control_data", "self-generated, level-tagged data (controllable)"),
+    "control-generate": ("eqrlhf.control.serve", "run_control_generate", "generate at chosen control levels"),
     "sweep": ("eqrlhf.tune", "run_sweep", "Ray Tune sweep over data ratios, scale and AMA settings"),
     "pipeline": ("eqrlhf.pipeline", "run_pipeline", "run the stages in order, skipping unchanged ones"),
 }

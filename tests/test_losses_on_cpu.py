@@ -129,9 +129,10 @@ def test_cost_model_by_hand():
 
 
 def test_registry_names_and_errors():
-    assert set(LOSSES) == {"dpo", "ipo", "cdpo", "ama_dpo", "ama_ipo", "ama_cdpo", "bfpo"} | {
+    assert set(LOSSES) == {"dpo", "ipo", "cdpo", "ama_dpo", "ama_ipo", "ama_cdpo", "bfpo", "exmate"} | {
         "sft",
         "ama_sft",
+        "clm",
         "reward",
         "cost",
     }

@@ -45,6 +45,7 @@ class LossInputs:
     rejected_scores: Tensor | None = None
     chosen_safe: Tensor | None = None  # [B] bool, per-response safety labels (bfpo, cost)
     rejected_safe: Tensor | None = None
+    chosen_lengths: Tensor | None = None  # [B] kept chosen tokens (exmate's length-normalised NLL)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class LossParams:
     label_smoothing: float = 0.0
     bfpo_alpha: float = 0.5
     bfpo_tau: float = 0.01
+    exmate_clm_weight: float = 1.0
 
 
 LossFn = Callable[[LossInputs, LossParams], tuple[Tensor, dict[str, Tensor]]]
@@ -233,6 +235,35 @@ def _sft(inputs: LossInputs, p: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
 
 register("sft", requires=TOKENS, uses_reference=False, units="tokens")(_sft)
 register("ama_sft", requires=TOKENS, uses_reference=False, units="tokens")(_sft)
+# controllable generation (eqrlhf.control): conditional LM = sft on rows whose prompt carries control tags
+register("clm", requires=TOKENS, uses_reference=False, units="tokens")(_sft)
+
+
+@register("exmate", requires=("policy_chosen_logps", "policy_rejected_logps", "chosen_lengths"), uses_reference=False)
+def _exmate(inputs: LossInputs, p: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
+    """Pairwise reading of ExMATE (Tuan et al. 2024, arXiv 2404.01295): policy only, no reference.
+
+    With x the prompt carrying the control tags of y+, y- a response to the same prompt whose tags
+    differ, s(y) = sum_t log p(y_t | x, y_<t) and |y+| the number of y+ tokens:
+
+        L = mean over pairs of [ -log sigmoid(s(y+) - s(y-)) + w * ( -s(y+) / |y+| ) ],  w = exmate_clm_weight
+
+    The first term is the 2-way softmax cross-entropy -log(e^s(y+) / (e^s(y+) + e^s(y-))): the matching
+    response must become more likely than the mismatching one under the requested control; the second keeps
+    the per-token likelihood of the matching response up, so the contrast is not won by pushing y- down only.
+    """
+    chosen, rejected = inputs.policy_chosen_logps, inputs.policy_rejected_logps
+    contrastive = -F.logsigmoid(chosen - rejected)
+    nll = -chosen / inputs.chosen_lengths.float().clamp(min=1.0)
+    loss = (contrastive + p.exmate_clm_weight * nll).mean()
+    return loss, {
+        "loss": loss.detach(),
+        "exmate/contrastive": contrastive.detach().mean(),
+        "exmate/clm": nll.detach().mean(),
+        "logps/chosen": chosen.detach().float().mean(),
+        "logps/rejected": rejected.detach().float().mean(),
+        "rewards/accuracy": (chosen.detach() > rejected.detach()).float().mean(),
+    }
 
 
 # ---- scalar heads (reward and cost models) ------------------------------------------------------------------

@@ -86,6 +86,10 @@ def check_evaluation(cfg: Config, model_path: str) -> dict:
 
 
 def run_evaluate(cfg: Config) -> dict:
+    if cfg.control.evaluate:  # controllable generation: levels requested vs measured (issue 7)
+        from eqrlhf.evaluate.controllability import run_controllability
+
+        return run_controllability(cfg)
     return evaluate_model(cfg, cfg.eval.model or cfg.model.name_or_path, cfg.eval.tag)
 
 

@@ -27,7 +27,7 @@ from eqrlhf.data.tokenize import encode_pair
 from eqrlhf.manifest import read_manifest, rows_path
 
 SCALAR_LOSSES = ("reward", "cost")
-SFT_LOSSES = ("sft", "ama_sft")
+SFT_LOSSES = ("sft", "ama_sft", "clm")
 SAFETY_LOSSES = ("bfpo", "cost")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 MAX_LISTED_ERRORS = 5

@@ -71,6 +71,7 @@ class StepSpec:
                 "label_smoothing": algo.label_smoothing,
                 "bfpo_alpha": algo.bfpo_alpha,
                 "bfpo_tau": algo.bfpo_tau,
+                "exmate_clm_weight": cfg.control.clm_weight,
             },
             # scores arrive normalised by the scoring stage, hence normalize="none"
             ama_params={"rule": cfg.ama.rule, "baseline": baseline, "tau": cfg.ama.tau, "normalize": "none"},
@@ -202,15 +203,13 @@ def micro_loss(engine, reference, batch: dict, spec: StepSpec):
         inputs = LossInputs(token_logps=logps, token_mask=batch["loss_mask"])
     else:
         sums = masked_sum(sequence_logps(engine, batch, spec), batch["loss_mask"])
-        ref = reference_sums(engine, reference, batch, spec)
         half = len(sums) // 2
-        inputs = LossInputs(
-            policy_chosen_logps=sums[:half],
-            policy_rejected_logps=sums[half:],
-            ref_chosen_logps=ref[:half],
-            ref_rejected_logps=ref[half:],
-            **safety,
-        )
+        inputs = LossInputs(policy_chosen_logps=sums[:half], policy_rejected_logps=sums[half:], **safety)
+        if spec.reference is not None:
+            ref = reference_sums(engine, reference, batch, spec)
+            inputs.ref_chosen_logps, inputs.ref_rejected_logps = ref[:half], ref[half:]
+        else:  # a policy-only preference loss (exmate): no reference forward at all
+            inputs.chosen_lengths = batch["loss_mask"][:half].sum(dim=1)
     return compute_loss(spec.loss, inputs, **spec.loss_params)
 
 
