@@ -170,11 +170,6 @@ def _wait_for(pattern: str, root: Path, proc: subprocess.Popen, timeout: float) 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("EQRLHF_SLOW"),
-    reason="known failing and ~25 min on a loaded 2-core machine: sweep resume is unverified (issue 6); "
-    "set EQRLHF_SLOW=1 to run",
-)
 def test_scaling_sweep_is_interrupted_and_resumes(tiny_model, tmp_path, ray_local):
     """SIGINT after the first trial's first evaluation; the rerun resumes: nothing already done is redone."""
     from ray import tune
@@ -224,7 +219,11 @@ def test_scaling_sweep_is_interrupted_and_resumes(tiny_model, tmp_path, ray_loca
         assert mixture["per_category"]["EHD"] == trial["params"]["mix.counts.EHD"]
         assert (mixture["per_category"]["IHD"], mixture["per_category"]["MHD"]) == (2, 1)
         assert 0.0 <= trial["harmful_compliance"] <= 1.0 and 0.0 <= trial["over_refusal"] <= 1.0
-        assert "refusal/harmful/EHD" in trial["refusal"]  # per-category numbers for the scaling study
+        # per-category numbers for the scaling study (which categories appear depends on the 2 sampled prompts)
+        assert (
+            any(k.startswith("refusal/harmful/") for k in trial["refusal"])
+            and "refusal/benign/none" in trial["refusal"]
+        )
     assert trials[first_trial.name]["evaluations"] >= 1
     assert manifest["pareto_front"] and set(manifest["pareto_front"]) <= set(trials)
     csv_lines = (root / "results.csv").read_text().strip().splitlines()
