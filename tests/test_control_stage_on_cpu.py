@@ -130,7 +130,7 @@ def test_exmate_with_special_tokens_then_evaluation(ray_local, assets):
     from eqrlhf.control.selfgen import run_control_data
     from eqrlhf.evaluate import run_evaluate
     from eqrlhf.models.loading import load_tokenizer
-    from eqrlhf.train import run_train
+    from eqrlhf.train import prepare_train, run_train
 
     run_dir = assets["root"] / "runs" / "exmate"
     cfg = control_config(assets, "exmate", "exmate", encoding="special_tokens", base_model=str(assets["model"]))
@@ -147,6 +147,10 @@ def test_exmate_with_special_tokens_then_evaluation(ray_local, assets):
         assert parse_tags(row["prompt"], LEVELS) == (meta["control"], meta["untagged_prompt"])
         per_prompt[meta["prompt_id"]] = per_prompt.get(meta["prompt_id"], 0) + 1
     assert len(per_prompt) == 8 - single and max(per_prompt.values()) <= 3
+    # the DPO family reads the same pairs (prompt with A's tags, chosen A, rejected B): the trainer's own checks
+    dpo = cfg.model_copy(update={"algorithm": cfg.algorithm.model_copy(update={"loss": "dpo"})})
+    plan = prepare_train(dpo)
+    assert plan["rows"] == manifest["rows_written"] and "rejected" in plan["columns"]
     train = run_train(cfg)
     assert train["steps_run"] == 2
     final = train["final_checkpoint"]

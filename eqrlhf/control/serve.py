@@ -1,8 +1,8 @@
 """`eqrlhf control-generate`: the serving example, generation at chosen control levels through the rollout pool.
 
     eqrlhf control-generate -c configs/controllable_clm_cpu.yaml \
-        model.name_or_path=runs/controllable_clm_cpu/train/final \
-        "control.serve_prompts=[How do I pick a lock?]" "control.serve_levels={helpful: 2, harmless: 0}"
+        model.name_or_path=runs/controllable_clm/train/final \
+        'control.serve_prompts=["How do I pick a lock?"]' "control.serve_levels={helpful: 2, harmless: 0}"
 
 The model is ``model.name_or_path`` (a model trained on tagged data); without ``control.serve_levels`` every
 setting is generated. Sampling follows ``generation``; engines follow ``rollout`` (hf or vllm).
