@@ -95,6 +95,11 @@ def test_config_errors_before_any_model_loads(assets):
         run_control_data(control_config(assets, "bad", "clm", levels={"helpful": 2, "funny": 3}))
     with pytest.raises(ConfigError, match="control data trains a policy"):
         run_control_data(control_config(assets, "bad", "reward"))
+    no_judge = control_config(assets, "bad", "clm", harmless_scorer="refusal_embedding")
+    no_judge.eval.refusal_head = str(assets["root"] / "no_head.json")
+    no_judge.eval.calibration_files = str(assets["root"] / "no_such_dir" / "*.csv")
+    with pytest.raises(ConfigError, match="no fitted head at .*no_head.json .* no calibration file matches"):
+        run_control_data(no_judge)
 
 
 def test_clm_data_is_what_the_trainer_reads(ray_local, assets):

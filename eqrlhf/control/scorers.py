@@ -32,6 +32,16 @@ def check_scorers(cfg: Config) -> dict[str, str]:
         needed["control.reward_model"] = c.reward_model
     if "harmless" in c.levels and c.harmless_scorer == "cost_model":
         needed["control.cost_model"] = c.cost_model
+    if "harmless" in c.levels and c.harmless_scorer == "refusal_embedding":
+        # the head is fitted on first use from the calibration files: fail now, not after sampling, when neither
+        # exists (e.g. ../shared/data absent)
+        head, pattern = cfg.resolve_path(cfg.eval.refusal_head), cfg.resolve_path(cfg.eval.calibration_files)
+        if not head.is_file() and not any(pattern.parent.glob(pattern.name)):
+            raise ConfigError(
+                f"control.harmless_scorer=refusal_embedding: no fitted head at {head} (eval.refusal_head) and no "
+                f"calibration file matches {pattern} (eval.calibration_files) to fit one; set data.data_root or "
+                "EQRLHF_DATA, or use control.harmless_scorer=refusal_rule"
+            )
     paths = {}
     for key, value in needed.items():
         if not value:
