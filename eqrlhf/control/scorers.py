@@ -87,11 +87,9 @@ class Scorers:
             if self.cfg.control.harmless_scorer == "refusal_rule":
                 self._judge = RuleRefusalJudge()
             else:
-                self._judge, _ = refusal_judge_for(self.cfg.model_copy(update={"eval": self._embedding_eval()}))
+                embedding = self.cfg.eval.model_copy(update={"refusal_judge": "embedding"})
+                self._judge, _ = refusal_judge_for(self.cfg.model_copy(update={"eval": embedding}))
         return self._judge.refused([r["prompt"] for r in rows], completions)
-
-    def _embedding_eval(self):
-        return self.cfg.eval.model_copy(update={"refusal_judge": "embedding"})
 
     def score(self, rows: list[dict], completions: list[str]) -> dict[str, list[float]]:
         import torch

@@ -91,9 +91,11 @@ def read_prompts(cfg: Config, where: list | Path) -> tuple[list[dict], list[dict
                     errors.append(json.loads(error))
                     continue
                 candidates.append(row)
+    from eqrlhf.evaluate.suites import normalized_prompt
+
     rows, seen, duplicates = [], set(), 0
     for row in candidates:
-        key = " ".join(row["prompt"].split()).lower()
+        key = normalized_prompt(row["prompt"])
         if row.get("dup_of") or key in seen:
             duplicates += 1
             continue
