@@ -206,6 +206,9 @@ class TrainSection(Section):
     resume: bool = False  # continue from the newest checkpoint in <train.output>/checkpoints
     resume_from: str | None = None  # or from this checkpoint dir (e.g. another run's .../checkpoints/step_100)
     logprob_chunk_size: int | None = 256  # positions per float32 log-softmax chunk; None = all at once
+    # torch.compile each decoder layer and the log-prob kernel (fuses norms, rotary, SwiGLU and the float32
+    # log-softmax; chunking is then unneeded). Worth it on GPU; the first steps pay the compile. ZeRO 0-2.
+    compile: bool = False
     max_failures: int = 0
     log_every: int = 1
 

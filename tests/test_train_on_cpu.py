@@ -316,6 +316,8 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, model_dir, tokenizer):
         prepare_train(train_config(run, model_dir, loss="ama_dpo"))
     with pytest.raises(ConfigError, match=r"train.resume=true but there is no complete checkpoint"):
         prepare_train(train_config(run, model_dir, resume=True))
+    with pytest.raises(ConfigError, match=r"train.compile=true needs train.zero_stage 0, 1 or 2"):
+        prepare_train(train_config(run, model_dir, compile=True, zero_stage=3))
 
     rows = pair_rows()
     rows[3]["rejected_safe"] = None

@@ -53,6 +53,24 @@ def token_logprobs(logits: Tensor, labels: Tensor, *, chunk_size: int | None = N
     return torch.cat(chunks, dim=1)
 
 
+_compiled_logprobs = None
+
+
+def fused_token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """``token_logprobs`` as one ``torch.compile``'d kernel, same conventions.
+
+    The float32 upcast, log-sum-exp and gather fuse into one pass over the (bf16) logits, and the backward
+    writes the logits' gradient directly, so no [B, T, V] float32 tensor exists and chunking is not needed.
+    Compiled once per process with dynamic shapes (batch and length vary from step to step).
+    """
+    global _compiled_logprobs
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not align with labels {tuple(labels.shape)}")
+    if _compiled_logprobs is None:
+        _compiled_logprobs = torch.compile(_gathered_logprobs, dynamic=True)
+    return _compiled_logprobs(logits, labels.long().clamp(min=0))
+
+
 def shift_for_causal_lm(input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Labels and mask for next-token prediction: position t of ``logits[:, :-1]`` predicts ``input_ids[:, t+1]``."""
     return input_ids[:, 1:], loss_mask[:, 1:]

@@ -52,7 +52,7 @@ def resolve_input_dir(cfg: Config) -> Path:
     return scored if (scored / "manifest.json").is_file() else cfg.run.dir / "pairs"
 
 
-def _check_loss(cfg: Config) -> None:
+def _check_settings(cfg: Config) -> None:
     from eqrlhf.algorithms.losses import LOSSES
 
     loss = cfg.algorithm.loss
@@ -62,6 +62,9 @@ def _check_loss(cfg: Config) -> None:
         raise ConfigError(f"algorithm.loss: unknown loss '{loss}'{hint}; known losses: {', '.join(sorted(LOSSES))}")
     if loss_kind(loss) == "scalar" and cfg.train.lora.r > 0:
         raise ConfigError(f"train.lora.r={cfg.train.lora.r}: LoRA is supported for causal-LM losses, not '{loss}'")
+    if cfg.train.compile and cfg.train.zero_stage == 3:
+        # ZeRO-3 gathers each layer's weights in module hooks, which would split every compiled graph
+        raise ConfigError("train.compile=true needs train.zero_stage 0, 1 or 2 (ZeRO-3 is not supported)")
 
 
 def _resume_checkpoint(cfg: Config, out: Path) -> Path | None:
@@ -87,7 +90,7 @@ def prepare_train(cfg: Config) -> dict:
     from eqrlhf.algorithms.losses import uses_ama, uses_reference
     from eqrlhf.models.loading import resolve_model_path
 
-    _check_loss(cfg)
+    _check_settings(cfg)
     loss = cfg.algorithm.loss
     ama = uses_ama(loss)
     precomputed = uses_reference(loss) and cfg.algorithm.reference == "precomputed"

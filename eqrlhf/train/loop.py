@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from eqrlhf.algorithms.ama import ama_mask
-from eqrlhf.algorithms.logprobs import masked_sum, shift_for_causal_lm, token_logprobs
+from eqrlhf.algorithms.logprobs import fused_token_logprobs, masked_sum, shift_for_causal_lm, token_logprobs
 from eqrlhf.algorithms.losses import LOSSES, LossInputs, compute_loss, uses_ama, uses_reference
 from eqrlhf.config import Config, from_dict
 from eqrlhf.train.batching import PairSource, collate, loss_kind, read_columns, step_rows, worker_micro_batches
@@ -51,6 +51,7 @@ class StepSpec:
     lora: bool
     bf16: bool
     chunk_size: int | None
+    compile: bool
     loss_params: dict
     ama_params: dict
 
@@ -66,6 +67,7 @@ class StepSpec:
             lora=cfg.train.lora.r > 0,
             bf16=cfg.train.bf16,
             chunk_size=cfg.train.logprob_chunk_size,
+            compile=cfg.train.compile,
             loss_params={
                 "beta": algo.beta,
                 "label_smoothing": algo.label_smoothing,
@@ -90,7 +92,7 @@ def _zero3_init(ds_config: dict):
 
 def build_policy(cfg: Config, spec: StepSpec):
     """The trainable model: a causal LM (optionally with LoRA) or a ScalarHeadLM for reward/cost."""
-    from eqrlhf.models.loading import load_causal_lm
+    from eqrlhf.models.loading import compile_decoder_layers, load_causal_lm
 
     kwargs = {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code}
     if spec.kind == "scalar":
@@ -101,6 +103,8 @@ def build_policy(cfg: Config, spec: StepSpec):
     else:
         model = backbone = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, **kwargs)
     backbone.config.use_cache = False
+    if cfg.train.compile:
+        compile_decoder_layers(backbone)
     if cfg.train.grad_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.lora:
@@ -170,8 +174,11 @@ def prepare_batch(batch: dict, spec: StepSpec, device: torch.device) -> tuple[di
 
 
 def sequence_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
-    """Per-token log-probs [R, T-1] of ``batch['labels']``; the float32 log-softmax runs chunk by chunk."""
+    """Per-token log-probs [R, T-1] of ``batch['labels']``: one compiled kernel, or a float32 log-softmax
+    chunk by chunk."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    if spec.compile:
+        return fused_token_logprobs(logits[:, :-1], batch["labels"])
     return token_logprobs(logits[:, :-1], batch["labels"], chunk_size=spec.chunk_size)
 
 

@@ -56,6 +56,7 @@ def ppo_step_spec(cfg: Config) -> StepSpec:
         lora=False,
         bf16=cfg.train.bf16,
         chunk_size=cfg.train.logprob_chunk_size,
+        compile=cfg.train.compile,
         loss_params={},
         ama_params={},
     )
