@@ -262,3 +262,19 @@ def test_sync_timeout_fails_fast_and_the_pool_heals(pool, model_dirs):
     # engine 1 took the update, engine 0 was restarted with it: both answer like the seed-0 checkpoint
     local = HFEngine(str(model_dirs[0]), batch_size=4).generate(PROMPTS, Sampling(max_new_tokens=6))
     assert token_ids(pool.generate(PROMPTS, Sampling(max_new_tokens=6))) == token_ids(local)
+
+
+def test_restart_that_outlasts_the_timeout_fails_and_a_later_call_heals(ray_local, pool, model_dirs):
+    prompts, sampling = PROMPTS * 8, Sampling(max_new_tokens=48)
+    expected = token_ids(pool.generate(prompts, sampling))
+    restarts = list(pool.restarts)
+    pool.cfg.rollout.sync_timeout_s = 0.05  # shorter than any engine start (the actor imports and loads a model)
+    thread, box = run_in_thread(pool.generate, prompts, sampling)
+    time.sleep(1.0)
+    ray_local.kill(pool._engines[1], no_restart=True)
+    thread.join(timeout=600)
+    assert isinstance(box.get("error"), TimeoutError), box
+    assert "restarted engine 1 was not up within rollout.sync_timeout_s=0.05 s" in str(box["error"])
+    pool.cfg.rollout.sync_timeout_s = 120
+    assert token_ids(pool.generate(prompts, sampling)) == expected  # the next call restarts engine 1 again
+    assert pool.restarts == [restarts[0], restarts[1] + 2]

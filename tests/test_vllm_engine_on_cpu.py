@@ -167,15 +167,24 @@ def test_bad_update_is_refused_before_it_reaches_the_engine(pool):
 
 
 @pytest.mark.slow
-def test_killed_vllm_engine_leaves_no_processes_and_is_replaced(ray_local, pool, models):
-    sampling = Sampling(max_new_tokens=8)
+def test_vllm_engine_killed_mid_request_leaves_no_processes_and_is_replaced(ray_local, pool, models):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts, sampling = PROMPTS * 32, Sampling(max_new_tokens=96)  # a request that runs for seconds
     pool.update_weights(models[1].state_dict().items())
-    expected = token_ids(pool.generate(PROMPTS, sampling))
+    expected = token_ids(pool.generate(prompts, sampling))
     children = pool.health()[0]["child_pids"]
     assert children  # vLLM's engine core and worker processes
-    ray_local.kill(pool._engines[0], no_restart=True)
-    completions = pool.generate(PROMPTS, sampling)  # the dead engine is restarted, given the weights, asked again
-    assert token_ids(completions) == expected and pool.restarts == [1]
+    with ThreadPoolExecutor(1) as executor:
+        future = executor.submit(pool.generate, prompts, sampling)
+        time.sleep(0.5)
+        ray_local.kill(pool._engines[0], no_restart=True)
+        completions = future.result(timeout=600)
+    # restarts == [1] shows the kill landed while the request was in flight: the dead engine was restarted,
+    # given the current weights, and asked again; every prompt answered once, in order, as before the kill
+    assert pool.restarts == [1]
+    assert [c.prompt_index for c in completions] == list(range(len(prompts)))
+    assert token_ids(completions) == expected
     deadline = time.time() + 60
     while time.time() < deadline and any(alive(pid) for pid in children):
         time.sleep(1)

@@ -252,7 +252,14 @@ class EnginePool:
         self.restarts[index] += 1
         logger.warning("restarting rollout engine %d (restart %d)", index, self.restarts[index])
         engine = self._launch(index)
-        ray.get(engine.health.remote())
+        timeout = self.cfg.rollout.sync_timeout_s
+        try:
+            ray.get(engine.health.remote(), timeout=timeout)  # a start that hangs fails instead of the caller
+        except GetTimeoutError:
+            ray.kill(engine, no_restart=True)
+            raise TimeoutError(
+                f"restarted engine {index} was not up within rollout.sync_timeout_s={timeout} s"
+            ) from None
         if self._weight_refs:
             calls = [engine.begin_weight_update.remote()]
             calls += [engine.load_weight_bucket.remote(ref) for ref in self._weight_refs]
