@@ -7,7 +7,7 @@ our `score` stage); the precompute pass is not counted for either.
 
     python benchmarks/dpo_vs_trl.py                                   # CPU, real SmolLM2-135M
     python benchmarks/dpo_vs_trl.py --device cuda --bf16 --shape 135m --response-tokens 448
-    python benchmarks/dpo_vs_trl.py --device cuda --bf16 --shape 1b --response-tokens 448
+    python benchmarks/dpo_vs_trl.py --device cuda --bf16 --shape 1b --response-tokens 448 --compile
 
 Tokens/s counts the non-padding tokens of the policy forward (prompt + response, chosen and rejected)
 per optimizer step, after the warm-up steps. MFU counts policy forward+backward only: 6 * params * tokens/s.
@@ -243,7 +243,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--response-tokens", type=int, default=192)
     parser.add_argument("--steps", type=int, default=6, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed first steps (trl needs ~4 to settle)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="untimed first steps (with 2, trl's slow early steps were still timed on an H100)",
+    )
     parser.add_argument("--reference", choices=["precomputed", "in_trainer"], default="precomputed")
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--grad-checkpointing", action="store_true")
