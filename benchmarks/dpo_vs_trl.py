@@ -126,7 +126,7 @@ def run_ours(args, root: Path, model_dir: str) -> dict:
         "output": str(root / "ours"),
         "num_workers": 1,
         "use_gpu": args.device == "cuda",
-        "cpus_per_worker": 1,
+        "cpus_per_worker": os.cpu_count() if args.device == "cpu" else 1,  # trl uses every core too
         "zero_stage": args.zero_stage,
         "bf16": args.bf16,
         "micro_batch_size": args.pairs_per_step // args.grad_accum,
