@@ -253,10 +253,11 @@ def test_empty_pairs_give_an_empty_scored_stage(tmp_path, models):
     assert manifest["rows_read"] == manifest["rows_written"] == 0 and manifest["shards"] == 0
 
 
-def test_example_config_validates_and_names_its_missing_reward_model():
+def test_example_config_validates_and_names_its_missing_reward_model(tmp_path, monkeypatch):
     from eqrlhf.config import load_config
     from eqrlhf.data.score import ama_on, check_models, ref_on
 
+    monkeypatch.chdir(tmp_path)  # run paths are relative to the working directory: one with no quickstart run
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "score_ama.yaml")
     assert ama_on(cfg) and ref_on(cfg)
     with pytest.raises(FileNotFoundError, match="ama.scorer_model: model directory not found: runs/quickstart"):

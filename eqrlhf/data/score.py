@@ -353,6 +353,10 @@ def _score_dataset(cfg: Config, rows_dir: Path, plan: dict):
         udf_modifying_row_count=False,
     )
     if plan["scorer"] or plan["ref_model"]:
+        # Small blocks: a scoring task emits its output only when its block is done, and a block of a few
+        # hundred pairs on a CPU takes longer than Ray Data's no-progress timeout (30 min), which then fails
+        # the whole stage. A few batches per block also spreads the work over every actor of the pool.
+        ds = ds.repartition(target_num_rows_per_block=cfg.ama.batch_size * 4)
         ds = ds.map_batches(
             ScorePairs,
             fn_constructor_kwargs={
