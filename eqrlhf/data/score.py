@@ -314,7 +314,7 @@ def run_score(cfg: Config) -> dict:
     writer.count_read(total)
     totals = {"truncated": 0, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0}
     if total:
-        for table in _score_dataset(cfg, rows_dir, plan).iter_batches(batch_format="pyarrow", batch_size=None):
+        for table in _score_dataset(cfg, rows_dir, plan, total).iter_batches(batch_format="pyarrow", batch_size=None):
             _summarise(table, totals)
             writer.write_rows(table)
     if writer.written != total:  # 1:1 stage: a difference is a bug, never silent loss
@@ -333,7 +333,7 @@ def run_score(cfg: Config) -> dict:
     return manifest
 
 
-def _score_dataset(cfg: Config, rows_dir: Path, plan: dict):
+def _score_dataset(cfg: Config, rows_dir: Path, plan: dict, total: int):
     import ray
 
     from eqrlhf.ray_utils import init_ray
@@ -353,10 +353,11 @@ def _score_dataset(cfg: Config, rows_dir: Path, plan: dict):
         udf_modifying_row_count=False,
     )
     if plan["scorer"] or plan["ref_model"]:
-        # Small blocks: a scoring task emits its output only when its block is done, and a block of a few
-        # hundred pairs on a CPU takes longer than Ray Data's no-progress timeout (30 min), which then fails
-        # the whole stage. A few batches per block also spreads the work over every actor of the pool.
-        ds = ds.repartition(target_num_rows_per_block=cfg.ama.batch_size * 4)
+        # Many small blocks: a scoring task emits its output only when its block is done, and a block of a few
+        # hundred pairs on a CPU outlasts Ray Data's no-progress timeout (30 min), which then fails the whole
+        # stage; one block would also keep all but one actor idle. An all-to-all repartition, because a
+        # streaming one is fused into the same task as the scoring and changes nothing.
+        ds = ds.repartition(num_blocks=max(1, -(-total // (cfg.ama.batch_size * 4))))
         ds = ds.map_batches(
             ScorePairs,
             fn_constructor_kwargs={
