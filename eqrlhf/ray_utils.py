@@ -21,3 +21,13 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     cpus = num_cpus or max(8, os.cpu_count() or 1)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def blocks_for_actor_pool(rows: int, batch_size: int, batches_per_block: int = 4) -> int:
+    """How many blocks to cut ``rows`` into before a slow model stage that runs in a pool of actors.
+
+    A map task emits its output only when its whole input block is done, so one block of a few hundred
+    rows on a CPU model can outlast Ray Data's no-progress timeout (30 min) and fail the stage, and a
+    dataset of one block keeps every actor but one idle. A few batches per block avoids both.
+    """
+    return max(1, -(-rows // (batch_size * batches_per_block)))

@@ -12,7 +12,7 @@ import pytest
 
 from eqrlhf.config import CATEGORIES, ConfigError, from_dict
 from eqrlhf.data.adapters import ADAPTERS, Context
-from eqrlhf.data.categorizers import add_categories, validate_categorizer
+from eqrlhf.data.categorizers import add_categories, input_block_rows, validate_categorizer
 from eqrlhf.data.categorizers.embedding import Head, head_from_sklearn, load_head, save_head, train_head
 from eqrlhf.data.categorizers.judge import build_judge_prompt, parse_judgement, read_judge_template
 from eqrlhf.data.categorizers.labels import map_labels
@@ -254,6 +254,13 @@ def test_judge_stage_routes_garbage_to_unparsed(tmp_path, shared_data, tiny_judg
         e.startswith("unparsed: no determination found in judge output") for e in out["category_error"][:4].to_pylist()
     )
     assert out["category_error"][4].as_py() is None and out["error"][4].as_py() == '{"reason": "empty"}'
+
+
+def test_model_categorizers_read_blocks_of_a_few_batches(tmp_path):
+    """Many small blocks for a model's actor pool; the label lookup keeps the configured big blocks."""
+    assert input_block_rows(config(tmp_path)) == 2048
+    assert input_block_rows(config(tmp_path, method="judge", judge={"model": "m", "batch_size": 4})) == 16
+    assert input_block_rows(config(tmp_path, method="embedding", embedding={"batch_size": 1024})) == 2048
 
 
 def test_labels_stage_on_ray_passes_error_rows_through(tmp_path, shared_data, ray_local):

@@ -142,11 +142,17 @@ def test_dpo_implicit_scores_are_zscored_beta_logratios(ray_local, tmp_path, mod
         "scorer": "dpo_implicit",
         "scorer_model": str(paths["policy"]),
         "scorer_ref_model": str(paths["base"]),
+        "batch_size": 1,
     }
     cfg = make_cfg(tmp_path, paths, ama=ama, algorithm={"beta": 0.5})
-    rows = write_pairs(cfg)
+    rows = [
+        make_row(source="t", key=i, prompt=prompt, chosen=chosen, rejected=rejected, limits=Limits())
+        for i, (prompt, chosen, rejected) in enumerate(PAIRS + PAIRS)
+    ]
+    write_pairs(cfg, rows)
     manifest = run_score(cfg)
-    assert manifest["rows_written"] == 4 and manifest["normalize"] == "zscore" and manifest["ref_logps"] is False
+    assert manifest["rows_written"] == 8 and manifest["normalize"] == "zscore" and manifest["ref_logps"] is False
+    assert manifest["blocks"] == 2  # blocks of 4 batches: the scoring actors share the work (one parquet file in)
 
     out = by_id(read_rows(cfg.run.dir / "scored"))
     assert "ref_chosen_logps" not in next(iter(out.values()))
@@ -190,6 +196,15 @@ def test_negated_cost_model_zscored_and_ids_only_run(ray_local, tmp_path, models
             enc["chosen_ids"],
             enc["rejected_ids"],
         ]
+
+
+def test_blocks_for_actor_pool_by_hand():
+    from eqrlhf.ray_utils import blocks_for_actor_pool
+
+    assert blocks_for_actor_pool(0, 8) == 1
+    assert blocks_for_actor_pool(32, 8) == 1
+    assert blocks_for_actor_pool(33, 8) == 2
+    assert blocks_for_actor_pool(383, 8) == 12  # the experiment's pair set: 12 blocks for the scoring actors
 
 
 def test_zscore_by_hand():

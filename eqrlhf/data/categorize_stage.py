@@ -147,14 +147,14 @@ def _undecided_kind(reason: str) -> str:
 
 def run_categorize(cfg: Config) -> dict:
     """Validate, read, categorize and write; returns the manifest (also printed as a summary)."""
-    from eqrlhf.data.categorizers import add_categories, validate_categorizer
+    from eqrlhf.data.categorizers import add_categories, input_block_rows, validate_categorizer
     from eqrlhf.ray_utils import init_ray
 
     started = time.time()
     plans = validate_sources(cfg)  # both checks run before any cluster resource is taken
     validate_categorizer(cfg)
     init_ray()
-    ds = add_categories(read_sources(cfg, plans), cfg)
+    ds = add_categories(read_sources(cfg, plans, input_block_rows(cfg)), cfg)
     options = ds.context.execution_options
     options.preserve_order = True  # deterministic output and "first" duplicate
     if cfg.data.inflight_mb:  # the driver is the slowest consumer: without a cap, blocks pile up in the store

@@ -206,16 +206,18 @@ def write_passthrough(writer: StageWriter, in_dir, batch_rows: int) -> int:
     return written
 
 
-def generate_missing(cfg, writer: StageWriter, in_dir) -> dict:
-    """Run the generator over rows without a pair as a Ray Data stage; stream results into ``writer``."""
+def generate_missing(cfg, writer: StageWriter, in_dir, missing: int) -> dict:
+    """Run the generator over the ``missing`` rows without a pair as a Ray Data stage; stream results
+    into ``writer``."""
     import ray
 
-    from eqrlhf.ray_utils import init_ray
+    from eqrlhf.ray_utils import blocks_for_actor_pool, init_ray
 
     init_ray()
     gen = cfg.generation
     ds = ray.data.read_parquet([str(p) for p in _shards(in_dir)])
     ds = ds.map_batches(_only_missing, batch_format="pyarrow")
+    ds = ds.repartition(num_blocks=blocks_for_actor_pool(missing, gen.batch_size))
     ds = ds.map_batches(
         PairGenerator,
         fn_constructor_kwargs={"cfg_tree": cfg.model_dump(mode="json")},
@@ -263,7 +265,7 @@ def run_pairs(cfg) -> dict:
     if missing and mode == "skip":
         writer.filter("no pair", missing)
     elif missing:
-        stats = generate_missing(cfg, writer, in_dir)
+        stats = generate_missing(cfg, writer, in_dir, missing)
     sampling = pair_sampling(cfg)
     manifest = writer.close(
         pairs={

@@ -312,9 +312,10 @@ def run_score(cfg: Config) -> dict:
 
     writer = StageWriter(out_dir, "score", cfg.hash())
     writer.count_read(total)
-    totals = {"truncated": 0, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0}
+    totals = {"truncated": 0, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0, "blocks": 0}
     if total:
         for table in _score_dataset(cfg, rows_dir, plan, total).iter_batches(batch_format="pyarrow", batch_size=None):
+            totals["blocks"] += 1
             _summarise(table, totals)
             writer.write_rows(table)
     if writer.written != total:  # 1:1 stage: a difference is a bug, never silent loss
@@ -336,7 +337,7 @@ def run_score(cfg: Config) -> dict:
 def _score_dataset(cfg: Config, rows_dir: Path, plan: dict, total: int):
     import ray
 
-    from eqrlhf.ray_utils import init_ray
+    from eqrlhf.ray_utils import blocks_for_actor_pool, init_ray
 
     init_ray()
     ds = ray.data.read_parquet(str(rows_dir))
@@ -353,11 +354,8 @@ def _score_dataset(cfg: Config, rows_dir: Path, plan: dict, total: int):
         udf_modifying_row_count=False,
     )
     if plan["scorer"] or plan["ref_model"]:
-        # Many small blocks: a scoring task emits its output only when its block is done, and a block of a few
-        # hundred pairs on a CPU outlasts Ray Data's no-progress timeout (30 min), which then fails the whole
-        # stage; one block would also keep all but one actor idle. An all-to-all repartition, because a
-        # streaming one is fused into the same task as the scoring and changes nothing.
-        ds = ds.repartition(num_blocks=max(1, -(-total // (cfg.ama.batch_size * 4))))
+        # An all-to-all repartition: a streaming one is fused into the scoring task and changes nothing.
+        ds = ds.repartition(num_blocks=blocks_for_actor_pool(total, cfg.ama.batch_size))
         ds = ds.map_batches(
             ScorePairs,
             fn_constructor_kwargs={

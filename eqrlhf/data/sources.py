@@ -285,10 +285,11 @@ def limits_of(cfg: Config) -> Limits:
     return Limits(max_prompt_chars=cfg.data.max_prompt_chars, max_response_chars=cfg.data.max_response_chars)
 
 
-def read_sources(cfg: Config, plans: list[ReadPlan] | None = None):
-    """A ``ray.data.Dataset`` of every configured source (ROW_SCHEMA + ``error``), in config order."""
+def read_sources(cfg: Config, plans: list[ReadPlan] | None = None, rows_per_block: int | None = None):
+    """A ``ray.data.Dataset`` of every configured source (ROW_SCHEMA + ``error``), in config order, in
+    blocks of ``rows_per_block`` rows (default ``data.rows_per_block``)."""
     import ray.data
 
     plans = plans if plans is not None else validate_sources(cfg)
-    datasource = _datasource_class()(plans, limits_of(cfg), cfg.data.rows_per_block)
+    datasource = _datasource_class()(plans, limits_of(cfg), rows_per_block or cfg.data.rows_per_block)
     return ray.data.read_datasource(datasource)

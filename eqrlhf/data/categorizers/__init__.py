@@ -11,7 +11,7 @@ from __future__ import annotations
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.categorizers.labels import UNMAPPED_LABEL, UNPARSED, map_labels, validate_label_config
 
-__all__ = ["UNMAPPED_LABEL", "UNPARSED", "add_categories", "validate_categorizer"]
+__all__ = ["UNMAPPED_LABEL", "UNPARSED", "add_categories", "input_block_rows", "validate_categorizer"]
 
 
 def validate_categorizer(cfg: Config) -> None:
@@ -35,6 +35,16 @@ def validate_categorizer(cfg: Config) -> None:
         from eqrlhf.data.categorizers.judge import read_judge_template
 
         read_judge_template(cfg.resolve_path(cfg.categorize.judge.prompt_file))
+
+
+def input_block_rows(cfg: Config) -> int:
+    """Rows per input block: ``data.rows_per_block``, or a few batches for a model-based categorizer, whose
+    actor pool needs many small blocks (see :func:`eqrlhf.ray_utils.blocks_for_actor_pool`)."""
+    method = cfg.categorize.method
+    if method == "labels":
+        return cfg.data.rows_per_block
+    section = cfg.categorize.embedding if method == "embedding" else cfg.categorize.judge
+    return min(cfg.data.rows_per_block, 4 * section.batch_size)
 
 
 def add_categories(ds, cfg: Config):
