@@ -272,6 +272,37 @@ def test_sft_uses_chosen_tokens_only(tmp_path, model_dir, tokenizer):
     assert loss.item() == pytest.approx(-logps.mean().item(), abs=1e-5)  # token-level mean over the batch
 
 
+def test_output_layer_skips_prompt_positions_without_changing_values_or_gradients(tmp_path, model_dir, tokenizer):
+    """sequence_logps projects only the kept label positions: same log-probs there, 0 elsewhere, and the
+    same parameter gradients as the full-vocabulary projection of every position."""
+    from eqrlhf.algorithms.logprobs import masked_sum, token_logprobs
+    from eqrlhf.models.loading import load_causal_lm
+    from eqrlhf.train.loop import sequence_logps
+
+    model = load_causal_lm(str(model_dir))
+    spec = _spec(train_config(tmp_path / "r", model_dir))
+    batch, _ = prepare_batch(
+        collate(_examples(tokenizer, pair_rows(3)), tokenizer.pad_token_id, "dpo"), spec, torch.device("cpu")
+    )
+    keep = batch["loss_mask"].bool().any(dim=0)
+    assert 0 < keep.sum() < keep.numel()  # the prompt positions are really skipped
+
+    def grads_of(logps):
+        model.zero_grad()
+        masked_sum(logps, batch["loss_mask"]).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    compact = sequence_logps(model, batch, spec)
+    compact_grads = grads_of(compact)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = token_logprobs(logits[:, :-1], batch["labels"])
+    full_grads = grads_of(full)
+    assert torch.allclose(compact[:, keep], full[:, keep], atol=1e-5)
+    assert torch.all(compact[:, ~keep] == 0)
+    for a, b in zip(compact_grads, full_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_token_averaged_losses_weigh_micro_batches_by_their_tokens(tmp_path, model_dir):
     """sft: micro-batches with 3 and 1 kept tokens, 2 accumulation steps. DeepSpeed divides each loss by 2,
     so scales 1.5 and 0.5 turn the two token means into the mean over all 4 tokens; pair losses keep 1."""

@@ -9,6 +9,7 @@ and lets DeepSpeed accumulate, clip and step.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -173,13 +174,40 @@ def prepare_batch(batch: dict, spec: StepSpec, device: torch.device) -> tuple[di
     return batch, metrics
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the HF model under a DeepSpeed engine and/or PEFT wrapper accepts ``logits_to_keep``."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+
+
 def sequence_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
     """Per-token log-probs [R, T-1] of ``batch['labels']``: one compiled kernel, or a float32 log-softmax
-    chunk by chunk."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    chunk by chunk. Positions no row keeps in ``batch['loss_mask']`` come out as 0.
+
+    Only label positions that some row of the batch keeps go through the output layer (the model's own
+    ``logits_to_keep``, so its logit scaling and soft-capping still apply). The prompt positions are
+    skipped: on SmolLM2-135M the output layer is about a fifth of the forward's FLOPs, and its float32
+    log-softmax over a 49k vocabulary is the largest elementwise pass of the step.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    labels = batch["labels"]
+    keep = None
+    if _takes_logits_to_keep(model):
+        keep = batch["loss_mask"].bool().any(dim=0).nonzero().squeeze(-1)  # logits[:, t] predicts labels[:, t]
+        inputs["logits_to_keep"] = keep
+        labels = labels[:, keep]
+    logits = model(**inputs).logits
+    if keep is None:
+        logits = logits[:, :-1]
     if spec.compile:
-        return fused_token_logprobs(logits[:, :-1], batch["labels"])
-    return token_logprobs(logits[:, :-1], batch["labels"], chunk_size=spec.chunk_size)
+        logps = fused_token_logprobs(logits, labels)
+    else:
+        logps = token_logprobs(logits, labels, chunk_size=spec.chunk_size)
+    if keep is None:
+        return logps
+    return logps.new_zeros(batch["labels"].shape).index_copy(1, keep, logps)
 
 
 @torch.no_grad()
