@@ -11,6 +11,8 @@ our `score` stage); the precompute pass is not counted for either.
 
 Tokens/s counts the non-padding tokens of the policy forward (prompt + response, chosen and rejected)
 per optimizer step, after the warm-up steps. MFU counts policy forward+backward only: 6 * params * tokens/s.
+With ``--share-prompt`` our trainer computes each pair's prompt once: the tokens counted stay the same (the
+work done for them is smaller), so its MFU figure then overstates what the hardware did.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def run_ours(args, root: Path, model_dir: str) -> dict:
         "save_every": 0,
         "grad_checkpointing": args.grad_checkpointing,
         "compile": args.compile,
+        "share_prompt": args.share_prompt,
     }
     run_train(from_dict(tree))
     rows = read_metrics(root / "ours" / "metrics.jsonl")[args.warmup :]
@@ -253,6 +256,9 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="ours: train.compile (compiled layers and log-probs)")
+    parser.add_argument(
+        "--share-prompt", action="store_true", help="ours: train.share_prompt (each pair's prompt computed once)"
+    )
     parser.add_argument("--trl-compile", action="store_true", help="also run trl with torch_compile=True")
     parser.add_argument("--liger", action="store_true", help="trl: use_liger_kernel (needs liger-kernel, GPU)")
     parser.add_argument("--peak-tflops", type=float, default=787.0, help="matmul peak for MFU (H100 measured)")

@@ -209,6 +209,9 @@ class TrainSection(Section):
     # torch.compile each decoder layer and the log-prob kernel (fuses norms, rotary, SwiGLU and the float32
     # log-softmax; chunking is then unneeded). Worth it on GPU; the first steps pay the compile. ZeRO 0-2.
     compile: bool = False
+    # preference losses: one row per pair (prompt once, then chosen and rejected, a 4-D attention mask) instead
+    # of the prompt in both rows; exact, and 2P+C+R tokens of work become P+C+R. Needs sdpa or eager attention.
+    share_prompt: bool = False
     max_failures: int = 0
     log_every: int = 1
 

@@ -398,7 +398,10 @@ def test_ama_dpo_with_lora_keeps_part_of_each_response(ray_local, tmp_path, mode
 
     run = tmp_path / "ama"
     write_stage(run / "scored", scored_table(tokenizer, pair_rows()))
-    cfg = train_config(run, model_dir, loss="ama_dpo", lora={"r": 4, "alpha": 8}, lr=1e-2, zero_stage=2)
+    # share_prompt: the PEFT and DeepSpeed wrappers pass the 4-D mask, position ids and logits_to_keep through
+    cfg = train_config(
+        run, model_dir, loss="ama_dpo", lora={"r": 4, "alpha": 8}, lr=1e-2, zero_stage=2, share_prompt=True
+    )
     manifest = run_train(cfg)
     history = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history] == [1, 2, 3, 4, 5, 6]

@@ -34,6 +34,7 @@ from eqrlhf.train.checkpoint import (
 )
 from eqrlhf.train.deepspeed_config import build_ds_config, build_reference_ds_config, initialize_engine, lr_factor
 from eqrlhf.train.metrics import MetricsWriter, average_over_workers, memory_metrics
+from eqrlhf.train.shared_prompt import shared_prompt_layout
 
 # Test hook for crash recovery: the worker of rank $EQRLHF_TEST_KILL_RANK (default: the last) SIGKILLs
 # itself after step $EQRLHF_TEST_KILL_AT_STEP, once: it first creates the marker file $EQRLHF_TEST_KILL_MARKER
@@ -53,6 +54,7 @@ class StepSpec:
     bf16: bool
     chunk_size: int | None
     compile: bool
+    share_prompt: bool
     loss_params: dict
     ama_params: dict
 
@@ -69,6 +71,7 @@ class StepSpec:
             bf16=cfg.train.bf16,
             chunk_size=cfg.train.logprob_chunk_size,
             compile=cfg.train.compile,
+            share_prompt=cfg.train.share_prompt,
             loss_params={
                 "beta": algo.beta,
                 "label_smoothing": algo.label_smoothing,
@@ -191,6 +194,8 @@ def sequence_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
     skipped: on SmolLM2-135M the output layer is about a fifth of the forward's FLOPs, and its float32
     log-softmax over a 49k vocabulary is the largest elementwise pass of the step.
     """
+    if spec.share_prompt and spec.kind == "preference":
+        return _shared_prompt_logps(model, batch, spec)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     labels = batch["labels"]
     keep = None
@@ -208,6 +213,38 @@ def sequence_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
     if keep is None:
         return logps
     return logps.new_zeros(batch["labels"].shape).index_copy(1, keep, logps)
+
+
+def _shared_prompt_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
+    """``sequence_logps`` with each pair's prompt computed once (see :mod:`eqrlhf.train.shared_prompt`)."""
+    if not _takes_logits_to_keep(model):
+        raise ValueError("train.share_prompt needs a model whose forward takes logits_to_keep (transformers >= 4.50)")
+    attention = getattr(getattr(model, "module", model).config, "_attn_implementation", None)
+    if attention not in ("sdpa", "eager"):  # flash kernels take no 4-D mask
+        raise ValueError(f"train.share_prompt needs sdpa or eager attention, the model uses {attention}")
+    layout = shared_prompt_layout(
+        batch["input_ids"], batch["attention_mask"], batch["response_mask"], next(model.parameters()).dtype
+    )
+    kept = batch["loss_mask"].bool()
+    where = layout["source"][kept]  # flat [pair * S + position] of every kept label
+    if bool((where < 0).any()):
+        raise ValueError("the loss mask keeps a token outside the responses")
+    width = layout["input_ids"].shape[1]
+    columns = torch.unique(where % width)  # sorted: the positions the output layer must read
+    logits = model(
+        input_ids=layout["input_ids"],
+        attention_mask=layout["attention_mask"],
+        position_ids=layout["position_ids"],
+        logits_to_keep=columns,
+        use_cache=False,
+    ).logits
+    picked = logits[where // width, torch.searchsorted(columns, where % width)][None]  # [1, N, V]
+    labels = batch["labels"][kept][None]
+    if spec.compile:
+        logps = fused_token_logprobs(picked, labels)[0]
+    else:
+        logps = token_logprobs(picked, labels, chunk_size=spec.chunk_size)[0]
+    return logps.new_zeros(kept.shape).index_put(tuple(kept.nonzero().T), logps)
 
 
 @torch.no_grad()

@@ -57,6 +57,7 @@ def ppo_step_spec(cfg: Config) -> StepSpec:
         bf16=cfg.train.bf16,
         chunk_size=cfg.train.logprob_chunk_size,
         compile=cfg.train.compile,
+        share_prompt=False,  # PPO scores its own rollout rows, not pairs
         loss_params={},
         ama_params={},
     )
