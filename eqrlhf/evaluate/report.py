@@ -77,52 +77,72 @@ def _err(stat: dict, key: str) -> list[float]:
     return [value - ci[0], ci[1] - value] if value is not None and ci else [0.0, 0.0]
 
 
-def _panel(ax, points: list[dict], x_key: str, x_value: str, minimize_x: bool, current: str) -> None:
+def _limits(values: list[float], bounds: tuple[float, float] | None) -> tuple[float, float]:
+    """Axis range around the values (CI ends included) with a margin, inside ``bounds`` when given."""
+    lo, hi = min(values), max(values)
+    pad = max(0.08 * (hi - lo), 0.02 if bounds else 1e-3)
+    lo, hi = lo - pad, hi + pad
+    return (max(lo, bounds[0] - 0.02), min(hi, bounds[1] + 0.02)) if bounds else (lo, hi)
+
+
+def _panel(ax, points: list[dict], colors: dict, x_key: str, x_value: str, minimize_x: bool, current: str) -> list:
+    """One plane: a colour per model (named in the figure legend), the front filled, dominated models hollow."""
+    from matplotlib.ticker import MaxNLocator
+
     usable = [p for p in points if p[x_key][x_value] is not None and p["harm"]["rate"] is not None]
     coords = [(p[x_key][x_value], p["harm"]["rate"]) for p in usable]
     front = set(pareto_front(coords, (minimize_x, True)))
+    xs, ys = [], []
     for i, p in enumerate(usable):
         x, y = coords[i]
-        mine = p["tag"] == current
+        x_err, y_err = _err(p[x_key], x_value), _err(p["harm"], "rate")
+        xs += [x - x_err[0], x + x_err[1]]
+        ys += [y - y_err[0], y + y_err[1]]
+        mine, color = p["tag"] == current, colors[p["tag"]]
         ax.errorbar(
-            x,
-            y,
-            xerr=[[v] for v in _err(p[x_key], x_value)],
-            yerr=[[v] for v in _err(p["harm"], "rate")],
-            fmt="*" if mine else "o",
-            color="tab:red" if mine else ("tab:blue" if i in front else "tab:gray"),
-            markersize=13 if mine else 7,
-            capsize=3,
-            zorder=3,
-        )
-        ax.annotate(p["tag"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+            x, y, xerr=[[v] for v in x_err], yerr=[[v] for v in y_err], fmt="*" if mine else "o", color=color,
+            markerfacecolor=color if (mine or i in front) else "white", markersize=14 if mine else 8,
+            markeredgewidth=1.5, capsize=3, alpha=0.9, zorder=3,
+        )  # fmt: skip
     if len(front) > 1:  # the front as a staircase: the edge of the region its points dominate
         line = sorted(coords[i] for i in front)
         where = "post" if minimize_x else "pre"
-        ax.step([c[0] for c in line], [c[1] for c in line], "--", where=where, color="tab:blue", alpha=0.6, zorder=1)
+        ax.step([c[0] for c in line], [c[1] for c in line], "--", where=where, color="black", alpha=0.4, zorder=1)
+    if xs:
+        ax.set_xlim(*_limits(xs, (0.0, 1.0) if x_value == "rate" else None))
+        ax.set_ylim(*_limits(ys, (0.0, 1.0)))
+    ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.set_ylabel("harmful compliance (lower is better)")
-    ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
+    return usable
 
 
 def plot_safety_plane(docs: list[dict], current: str, path: Path) -> None:
-    """Two panels: harm vs over-refusal, harm vs likelihood retention; blue = Pareto front, red star = this model."""
+    """Two panels: harm vs over-refusal, harm vs likelihood retention, zoomed on the models; the legend names
+    them. Filled: on the Pareto front (dashed); hollow: dominated; star: this model; bars: 95% CI."""
     plt = _pyplot()
     points = [plane_point(d) for d in docs]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
-    _panel(left, points, "over", "rate", True, current)
+    palette = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")
+    colors = {p["tag"]: palette(i % palette.N) for i, p in enumerate(points)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4 + 0.2 * ((len(points) + 2) // 3)))
+    _panel(left, points, colors, "over", "rate", True, current)
     left.set_xlabel("over-refusal on benign prompts\n(lower is better)")
-    left.set_xlim(-0.05, 1.05)
     left.set_title("safety plane", fontsize=10)
-    _panel(right, points, "help", "mean", False, current)
+    _panel(right, points, colors, "help", "mean", False, current)
     right.set_xlabel("likelihood retention on reference answers\n(nats/token vs baseline, higher is better)")
     right.axvline(0.0, color="black", lw=0.6, alpha=0.5)
     right.set_title("safety vs helpfulness", fontsize=10)
+    handles = [
+        plt.Line2D([], [], marker="*" if p["tag"] == current else "o", color=colors[p["tag"]], linestyle="none",
+                   markersize=11 if p["tag"] == current else 7, label=p["tag"])
+        for p in points
+    ]  # fmt: skip
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(points), 3), fontsize=8, frameon=False)
     fig.suptitle(
-        f"{len(points)} model(s); blue, dashed: Pareto front; gray: dominated; red star: {current}; bars: 95% CI",
+        f"{len(points)} model(s); filled: Pareto front (dashed); hollow: dominated; star: {current}; bars: 95% CI",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.02 + 0.045 * ((len(points) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
