@@ -107,7 +107,7 @@ def build_policy(cfg: Config, spec: StepSpec):
     else:
         model = backbone = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, **kwargs)
     backbone.config.use_cache = False
-    if cfg.train.compile:
+    if spec.compile:
         compile_decoder_layers(backbone)
     if cfg.train.grad_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
