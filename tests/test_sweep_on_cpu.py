@@ -63,6 +63,16 @@ def test_shipped_sweep_configs_validate():
         validate_space(load_config(path))
 
 
+def test_data_stages_are_shared_only_when_no_swept_key_changes_the_data():
+    from eqrlhf.tune.sweep import data_shared
+
+    assert data_shared(load_config(THRESHOLDS))  # rule, tau, baseline, beta: all train-time
+    assert not data_shared(load_config(SCALING))  # mix counts change the mixture
+    implicit = ["ama.scorer=dpo_implicit", "ama.scorer_model=m", "ama.scorer_ref_model=r"]
+    assert data_shared(load_config(THRESHOLDS, implicit))  # z-scored scores do not depend on beta
+    assert not data_shared(load_config(THRESHOLDS, [*implicit, "ama.normalize=none"]))  # beta scales them
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -232,7 +242,7 @@ def test_scaling_sweep_is_interrupted_and_resumes(tiny_model, tmp_path, ray_loca
     assert (root / "pareto.png").stat().st_size > 10_000
 
 
-def test_threshold_sweep_shares_one_reward_model(tiny_model, tmp_path, ray_local):
+def test_threshold_sweep_shares_one_reward_model_and_one_scored_set(tiny_model, tmp_path, ray_local):
     from eqrlhf.tune import run_sweep
 
     overrides = [
@@ -245,21 +255,25 @@ def test_threshold_sweep_shares_one_reward_model(tiny_model, tmp_path, ray_local
     ]
     manifest = run_sweep(load_config(THRESHOLDS, overrides))
     root = Path(manifest["dir"])
-    reward = root / "shared" / "reward_model" / "final"
+    shared = root / "shared"
+    reward = shared / "reward_model" / "final"
     assert (reward / "config.json").is_file()
     assert manifest["counts"] == {"completed": 2}
+    # only train-time keys are swept, so the data stages ran once, in the shared run
+    pairs = json.loads((shared / "pairs" / "manifest.json").read_text())
+    assert pairs["rows_written"] + pairs["filtered"].get("no pair", 0) == 6 + 6  # 3 + 2 + 1 safety, 6 general
+    scored = json.loads((shared / "scored" / "manifest.json").read_text())
+    assert scored["rows_written"] == pairs["rows_written"]  # every pair scored, by the one shared reward model
     for trial in manifest["trials"]:
         run = Path(trial["run_dir"])
         config = json.loads((run / "config.json").read_text())
-        assert config["ama"]["scorer_model"] == str(reward.resolve())  # scored by the one shared reward model
+        assert config["train"]["input"] == str((shared / "scored").resolve())
+        assert config["eval"]["training_data"] == [str((shared / "pairs").resolve())]
+        assert not (run / "pairs").exists() and not (run / "scored").exists()
         assert (config["ama"]["rule"], config["ama"]["tau"]) == (
             trial["params"]["ama.rule"],
             trial["params"]["ama.tau"],
         )
-        pairs = json.loads((run / "pairs" / "manifest.json").read_text())
-        assert pairs["rows_written"] + pairs["filtered"].get("no pair", 0) == 6 + 6  # 3 + 2 + 1 safety, 6 general
-        scored = json.loads((run / "scored" / "manifest.json").read_text())
-        assert scored["rows_written"] == pairs["rows_written"]  # every pair scored
         train = json.loads((run / "train" / "manifest.json").read_text())
         assert train["loss"] == "ama_dpo" and train["steps_run"] == 2
         assert "ama/kept_fraction" in train["final_metrics"]

@@ -125,7 +125,8 @@ def trial_config(base: dict, params: dict, trial_dir: Path, shared: dict) -> Con
     """The config of one trial: the sweep's config, the sampled values, and the trial's own run dir.
 
     ``shared`` holds paths the sweep driver prepared once for every trial (``mix.input``,
-    ``ama.scorer_model``, ``eval.reward_model``), applied only where the config leaves them unset.
+    ``ama.scorer_model``, ``eval.reward_model``, and ``train.input`` with ``eval.training_data`` when the
+    data stages are shared), applied only where the config leaves them unset.
     """
     tree = copy.deepcopy(base)
     for key, value in params.items():
@@ -135,7 +136,7 @@ def trial_config(base: dict, params: dict, trial_dir: Path, shared: dict) -> Con
         set_dotted(tree, key, None)
     for key, value in shared.items():
         section, field = key.split(".")
-        if tree[section].get(field) is None:
+        if tree[section].get(field) in (None, []):
             tree[section][field] = value
     return from_dict(tree, f"sweep trial {trial_dir.name}")
 

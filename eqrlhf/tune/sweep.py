@@ -77,16 +77,44 @@ def check_resumable(cfg: Config, root: Path) -> bool:
     return tune.Tuner.can_restore(str(tune_path))
 
 
+# sweep.space keys that change only training or evaluation, never what the mix, pairs or score stages write
+TRAIN_TIME_KEYS = (
+    "train.",
+    "eval.",
+    "ama.rule",
+    "ama.tau",
+    "ama.baseline",
+    "algorithm.label_smoothing",
+    "algorithm.bfpo_",
+)
+
+
+def data_shared(cfg: Config) -> bool:
+    """True when every swept key is train-time: the trials then train on one copy of the data stages."""
+    from eqrlhf.data.score import ama_on
+
+    def train_time(name: str) -> bool:
+        if name == "algorithm.beta":  # the implicit-reward scorer scales by beta unless a z-score removes it
+            return not (ama_on(cfg) and cfg.ama.scorer == "dpo_implicit" and cfg.ama.normalize != "zscore")
+        return name.startswith(TRAIN_TIME_KEYS)
+
+    return all(train_time(name) for name in cfg.sweep.space)
+
+
 def prepare_shared(cfg: Config, root: Path) -> dict:
-    """Work every trial shares, done once: categorize, and the reward model when AMA needs one.
+    """Work every trial shares, done once: categorize, the reward model when AMA needs one, and the mix,
+    pairs and score stages when no swept key changes them (a threshold sweep).
 
     Returns the config values trials take from it (only where their config leaves them unset).
     """
-    from eqrlhf.pipeline import effective_config, reward_stage_needed, run_pipeline
+    from eqrlhf.pipeline import _scoring_needed, effective_config, reward_stage_needed, run_pipeline
 
     stages = [] if cfg.mix.input else ["categorize"]
     if reward_stage_needed(cfg):
         stages += ["mix", "pairs", "reward"]  # one reward model, on the base mixture, scores every trial
+    share_data = data_shared(cfg)
+    if share_data:
+        stages += [s for s in ("mix", "pairs") if s not in stages] + (["score"] if _scoring_needed(cfg) else [])
     if not stages:
         return {}
     shared_cfg = cfg.model_copy(
@@ -100,6 +128,11 @@ def prepare_shared(cfg: Config, root: Path) -> dict:
         eff = effective_config(shared_cfg)
         shared["ama.scorer_model"] = str(Path(eff.ama.scorer_model).resolve())
         shared["eval.reward_model"] = str(Path(eff.eval.reward_model).resolve())
+    if share_data:
+        pairs = shared_cfg.stage_dir(cfg.pairs.output, "pairs").resolve()
+        scored = shared_cfg.stage_dir(cfg.ama.output, "scored").resolve()
+        shared["train.input"] = str(scored if "score" in stages else pairs)
+        shared["eval.training_data"] = [str(pairs)]  # what the evaluator checks its prompts against
     return shared
 
 

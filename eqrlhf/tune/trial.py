@@ -1,5 +1,6 @@
 """One sweep trial: mix -> pairs -> (score) -> train -> evaluate, through the same library functions as the
-pipeline, in the trial's own run dir, reporting to Tune after every evaluation.
+pipeline, in the trial's own run dir, reporting to Tune after every evaluation. When no swept key changes
+the data (a threshold sweep), the sweep driver runs mix, pairs and score once and every trial trains on them.
 
 With ``sweep.evaluations > 1`` the trial trains in chunks (``train.max_steps`` raised chunk by chunk,
 ``train.resume`` continuing the newest checkpoint) and evaluates after each, so a scheduler can stop a
@@ -99,7 +100,8 @@ def run_trial(params: dict, base: dict, sweep_dir: str, shared: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, Path(sweep_dir) / TRIALS_DIR / trial_id, shared)
-    run_pipeline(_with(cfg, "run", stages=data_stages(cfg)))
+    # no data stages when the sweep driver ran them once for every trial (still writes the trial's config.json)
+    run_pipeline(_with(cfg, "run", stages=[] if "train.input" in shared else data_stages(cfg)))
     total = prepare_train(_with(cfg, "train", resume=False, resume_from=None))["total_steps"]
     points = eval_points(total, cfg.sweep.evaluations)
     for index, step in enumerate(points):
