@@ -11,8 +11,8 @@ from test_train_on_cpu import _examples, make_model_dir, pair_rows, train_config
 
 from eqrlhf.algorithms.logprobs import masked_sum
 from eqrlhf.train.batching import collate, collate_sequences
-from eqrlhf.train.loop import StepSpec, micro_loss, prepare_batch, sequence_logps
-from eqrlhf.train.shared_prompt import shared_prompt_layout
+from eqrlhf.train.loop import StepSpec, micro_loss, prepare_batch
+from eqrlhf.train.policy_forward import sequence_logps, shared_prompt_layout
 
 
 def test_layout_by_hand():

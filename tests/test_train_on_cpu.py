@@ -277,7 +277,7 @@ def test_output_layer_skips_prompt_positions_without_changing_values_or_gradient
     same parameter gradients as the full-vocabulary projection of every position."""
     from eqrlhf.algorithms.logprobs import masked_sum, token_logprobs
     from eqrlhf.models.loading import load_causal_lm
-    from eqrlhf.train.loop import sequence_logps
+    from eqrlhf.train.policy_forward import sequence_logps
 
     model = load_causal_lm(str(model_dir))
     spec = _spec(train_config(tmp_path / "r", model_dir))

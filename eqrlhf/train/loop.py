@@ -9,7 +9,6 @@ and lets DeepSpeed accumulate, clip and step.
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from eqrlhf.algorithms.ama import ama_mask
-from eqrlhf.algorithms.logprobs import fused_token_logprobs, masked_sum, shift_for_causal_lm, token_logprobs
+from eqrlhf.algorithms.logprobs import masked_sum, shift_for_causal_lm
 from eqrlhf.algorithms.losses import LOSSES, LossInputs, compute_loss, uses_ama, uses_reference
 from eqrlhf.config import Config, from_dict
 from eqrlhf.train.batching import PairSource, collate, loss_kind, read_columns, step_rows, worker_micro_batches
@@ -34,7 +33,7 @@ from eqrlhf.train.checkpoint import (
 )
 from eqrlhf.train.deepspeed_config import build_ds_config, build_reference_ds_config, initialize_engine, lr_factor
 from eqrlhf.train.metrics import MetricsWriter, average_over_workers, memory_metrics
-from eqrlhf.train.shared_prompt import shared_prompt_layout
+from eqrlhf.train.policy_forward import sequence_logps
 
 # Test hook for crash recovery: the worker of rank $EQRLHF_TEST_KILL_RANK (default: the last) SIGKILLs
 # itself after step $EQRLHF_TEST_KILL_AT_STEP, once: it first creates the marker file $EQRLHF_TEST_KILL_MARKER
@@ -175,76 +174,6 @@ def prepare_batch(batch: dict, spec: StepSpec, device: torch.device) -> tuple[di
         metrics.update({f"ama/{k}": float(v) for k, v in ama_metrics.items()})
     batch["labels"], batch["loss_mask"] = labels, mask
     return batch, metrics
-
-
-def _takes_logits_to_keep(model) -> bool:
-    """Whether the HF model under a DeepSpeed engine and/or PEFT wrapper accepts ``logits_to_keep``."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
-
-
-def sequence_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
-    """Per-token log-probs [R, T-1] of ``batch['labels']``: one compiled kernel, or a float32 log-softmax
-    chunk by chunk. Positions no row keeps in ``batch['loss_mask']`` come out as 0.
-
-    Only label positions that some row of the batch keeps go through the output layer (the model's own
-    ``logits_to_keep``, so its logit scaling and soft-capping still apply). The prompt positions are
-    skipped: on SmolLM2-135M the output layer is about a fifth of the forward's FLOPs, and its float32
-    log-softmax over a 49k vocabulary is the largest elementwise pass of the step.
-    """
-    if spec.share_prompt and spec.kind == "preference":
-        return _shared_prompt_logps(model, batch, spec)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    labels = batch["labels"]
-    keep = None
-    if _takes_logits_to_keep(model):
-        keep = batch["loss_mask"].bool().any(dim=0).nonzero().squeeze(-1)  # logits[:, t] predicts labels[:, t]
-        inputs["logits_to_keep"] = keep
-        labels = labels[:, keep]
-    logits = model(**inputs).logits
-    if keep is None:
-        logits = logits[:, :-1]
-    if spec.compile:
-        logps = fused_token_logprobs(logits, labels)
-    else:
-        logps = token_logprobs(logits, labels, chunk_size=spec.chunk_size)
-    if keep is None:
-        return logps
-    return logps.new_zeros(batch["labels"].shape).index_copy(1, keep, logps)
-
-
-def _shared_prompt_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
-    """``sequence_logps`` with each pair's prompt computed once (see :mod:`eqrlhf.train.shared_prompt`)."""
-    if not _takes_logits_to_keep(model):
-        raise ValueError("train.share_prompt needs a model whose forward takes logits_to_keep (transformers >= 4.50)")
-    attention = getattr(getattr(model, "module", model).config, "_attn_implementation", None)
-    if attention not in ("sdpa", "eager"):  # flash kernels take no 4-D mask
-        raise ValueError(f"train.share_prompt needs sdpa or eager attention, the model uses {attention}")
-    layout = shared_prompt_layout(
-        batch["input_ids"], batch["attention_mask"], batch["response_mask"], next(model.parameters()).dtype
-    )
-    kept = batch["loss_mask"].bool()
-    where = layout["source"][kept]  # flat [pair * S + position] of every kept label
-    if bool((where < 0).any()):
-        raise ValueError("the loss mask keeps a token outside the responses")
-    width = layout["input_ids"].shape[1]
-    columns = torch.unique(where % width)  # sorted: the positions the output layer must read
-    logits = model(
-        input_ids=layout["input_ids"],
-        attention_mask=layout["attention_mask"],
-        position_ids=layout["position_ids"],
-        logits_to_keep=columns,
-        use_cache=False,
-    ).logits
-    picked = logits[where // width, torch.searchsorted(columns, where % width)][None]  # [1, N, V]
-    labels = batch["labels"][kept][None]
-    if spec.compile:
-        logps = fused_token_logprobs(picked, labels)[0]
-    else:
-        logps = token_logprobs(picked, labels, chunk_size=spec.chunk_size)[0]
-    return logps.new_zeros(kept.shape).index_put(tuple(kept.nonzero().T), logps)
 
 
 @torch.no_grad()
