@@ -101,7 +101,7 @@ def _panel(ax, points: list[dict], colors: dict, x_key: str, x_value: str, minim
         mine, color = p["tag"] == current, colors[p["tag"]]
         ax.errorbar(
             x, y, xerr=[[v] for v in x_err], yerr=[[v] for v in y_err], fmt="*" if mine else "o", color=color,
-            markerfacecolor=color if (mine or i in front) else "white", markersize=14 if mine else 8,
+            markerfacecolor=color if i in front else "white", markersize=14 if mine else 8,
             markeredgewidth=1.5, capsize=3, alpha=0.9, zorder=3,
         )  # fmt: skip
     if len(front) > 1:  # the front as a staircase: the edge of the region its points dominate
