@@ -19,7 +19,7 @@ def test_layout_by_hand():
     # pair 0: prompt [1, 2], chosen [3, 4, 5], rejected [6]; pair 1: prompt [7], chosen [8], rejected [9, 10, 11]
     prompts, responses = [[1, 2], [7], [1, 2], [7]], [[3, 4, 5], [8], [6], [9, 10, 11]]
     batch = collate_sequences(prompts, responses, pad_id=0)
-    layout = shared_prompt_layout(batch["input_ids"], batch["attention_mask"], batch["response_mask"], torch.float32)
+    layout = shared_prompt_layout(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     assert layout["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 0]]
     assert layout["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2], [0, 1, 1, 2, 3, 0]]
     # label t of stacked row r (token t+1) -> flat index of the shared position predicting it; width 6
@@ -29,7 +29,7 @@ def test_layout_by_hand():
         [-1, 1, -1, -1],  # rejected 6 from the last prompt position, like chosen 3
         [0 + 6, 2 + 6, 3 + 6, -1],  # rejected 9 from the prompt; 10, 11 from the rejected segment (2, 3)
     ]
-    allowed = (layout["attention_mask"][:, 0] == 0).int()
+    allowed = layout["allowed"].int()
     assert allowed[0, 5].tolist() == [1, 1, 0, 0, 0, 1]  # rejected sees the prompt and itself, not chosen
     assert allowed[0, 4].tolist() == [1, 1, 1, 1, 1, 0]  # chosen is causal over prompt + chosen
     assert allowed[1, 4].tolist() == [1, 0, 1, 1, 1, 0]
@@ -39,7 +39,7 @@ def test_layout_by_hand():
 def test_rows_with_different_prompts_are_refused():
     batch = collate_sequences([[1, 2], [1, 3]], [[4], [5]], pad_id=0)
     with pytest.raises(ValueError, match="rows 0 and 1 of the batch do not share their prompt"):
-        shared_prompt_layout(batch["input_ids"], batch["attention_mask"], batch["response_mask"], torch.float32)
+        shared_prompt_layout(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,13 @@ def test_shared_prompt_equals_stacked_rows(tmp_path, model_dir, attention):
     reference = load_causal_lm(str(model_dir)).eval()
     stacked = StepSpec.from_config(train_config(tmp_path / "r", model_dir))
     shared = dataclasses.replace(stacked, share_prompt=True)
-    rows = pair_rows(5)  # prompts and responses of different lengths, so rows are padded differently
-    batch, _ = prepare_batch(collate(_examples(tokenizer, rows), tokenizer.pad_token_id, "dpo"), stacked, "cpu")
-    kept = batch["loss_mask"].bool()
+    examples = _examples(tokenizer, pair_rows(5))  # prompts and responses of different lengths: rows pad differently
 
     results = {}
     for name, spec in (("stacked", stacked), ("shared", shared)):
+        batch, _ = prepare_batch(collate(examples, tokenizer.pad_token_id, "dpo"), spec, "cpu")
+        assert ("allowed" in batch["plan"]) == spec.share_prompt  # the plan the forward will follow
+        kept = batch["loss_mask"].bool()
         policy.zero_grad()
         logps = sequence_logps(policy, batch, spec)
         loss, metrics = micro_loss(policy, reference, batch, spec)

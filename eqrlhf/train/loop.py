@@ -33,7 +33,7 @@ from eqrlhf.train.checkpoint import (
 )
 from eqrlhf.train.deepspeed_config import build_ds_config, build_reference_ds_config, initialize_engine, lr_factor
 from eqrlhf.train.metrics import MetricsWriter, average_over_workers, memory_metrics
-from eqrlhf.train.policy_forward import sequence_logps
+from eqrlhf.train.policy_forward import forward_plan, sequence_logps
 
 # Test hook for crash recovery: the worker of rank $EQRLHF_TEST_KILL_RANK (default: the last) SIGKILLs
 # itself after step $EQRLHF_TEST_KILL_AT_STEP, once: it first creates the marker file $EQRLHF_TEST_KILL_MARKER
@@ -173,6 +173,7 @@ def prepare_batch(batch: dict, spec: StepSpec, device: torch.device) -> tuple[di
         mask = mask * kept
         metrics.update({f"ama/{k}": float(v) for k, v in ama_metrics.items()})
     batch["labels"], batch["loss_mask"] = labels, mask
+    batch["plan"] = forward_plan(batch, spec)
     return batch, metrics
 
 

@@ -31,16 +31,13 @@ if TYPE_CHECKING:
     from eqrlhf.train.loop import StepSpec
 
 
-def shared_prompt_layout(
-    input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, mask_dtype: torch.dtype
-) -> dict[str, Tensor]:
+def shared_prompt_layout(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> dict[str, Tensor]:
     """Shared rows for a stacked ``[2B, T]`` batch (rows ``b`` and ``b + B`` are one pair's two sides).
 
-    Returns ``input_ids`` and ``position_ids`` ``[B, S]``, an additive ``attention_mask`` ``[B, 1, S, S]``
-    of ``mask_dtype`` (0 where a query may attend, the dtype's minimum elsewhere; every position may see
-    itself, so no softmax row is empty, and padding sees nothing else), and ``source`` ``[2B, T-1]``: the
-    flat index ``b * S + s`` of the position whose logits predict ``input_ids[r, t+1]``, -1 where that
-    label is not a response token.
+    Returns ``input_ids`` and ``position_ids`` ``[B, S]``, ``allowed`` ``[B, S, S]`` (bool: query s may
+    attend to key s'; every position may see itself, so no softmax row is empty, and padding sees nothing
+    else), and ``source`` ``[2B, T-1]``: the flat index ``b * S + s`` of the position whose logits predict
+    ``input_ids[r, t+1]``, -1 where that label is not a response token.
     """
     rows, width = input_ids.shape
     if rows % 2:
@@ -78,9 +75,27 @@ def shared_prompt_layout(
     causal = torch.ones((width_shared, width_shared), dtype=torch.bool, device=device).tril()
     allowed = causal & (key >= 0) & (query >= 0) & ((key == 0) | (key == query))
     allowed |= torch.eye(width_shared, dtype=torch.bool, device=device)
-    mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(mask_dtype).min)
-    return {"input_ids": ids, "position_ids": positions, "attention_mask": mask[:, None], "source": source}
+    return {"input_ids": ids, "position_ids": positions, "allowed": allowed, "source": source}
+
+
+def forward_plan(batch: dict, spec: StepSpec) -> dict[str, Tensor]:
+    """What every forward over one prepared micro-batch needs, computed once: the policy and an in-trainer
+    reference (or the LoRA base model) reuse it.
+
+    Stacked rows: ``keep``, the label positions some row keeps. Shared prompt: the layout of
+    :func:`shared_prompt_layout`, the positions the output layer must read (``columns``), and for every
+    kept label its pair (``rows``) and its index among those columns (``cols``).
+    """
+    kept = batch["loss_mask"].bool()
+    if not (spec.share_prompt and spec.kind == "preference"):
+        return {"keep": kept.any(dim=0).nonzero().squeeze(-1)}  # logits[:, t] predicts labels[:, t]
+    layout = shared_prompt_layout(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    where = layout.pop("source")[kept]  # flat [pair * S + position] of every kept label
+    if bool((where < 0).any()):
+        raise ValueError("the loss mask keeps a token outside the responses")
+    width = layout["input_ids"].shape[1]
+    columns = torch.unique(where % width)  # sorted
+    return {**layout, "columns": columns, "rows": where // width, "cols": torch.searchsorted(columns, where % width)}
 
 
 def _takes_logits_to_keep(model) -> bool:
@@ -91,6 +106,12 @@ def _takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
+def _logps(logits: Tensor, labels: Tensor, spec: StepSpec) -> Tensor:
+    if spec.compile:
+        return fused_token_logprobs(logits, labels)
+    return token_logprobs(logits, labels, chunk_size=spec.chunk_size)
+
+
 def sequence_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
     """Per-token log-probs [R, T-1] of ``batch['labels']``: one compiled kernel, or a float32 log-softmax
     chunk by chunk. Positions no row keeps in ``batch['loss_mask']`` come out as 0.
@@ -98,56 +119,40 @@ def sequence_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
     Only label positions that some row of the batch keeps go through the output layer (the model's own
     ``logits_to_keep``, so its logit scaling and soft-capping still apply). The prompt positions are
     skipped: on SmolLM2-135M the output layer is about a fifth of the forward's FLOPs, and its float32
-    log-softmax over a 49k vocabulary is the largest elementwise pass of the step.
+    log-softmax over a 49k vocabulary is the largest elementwise pass of the step. ``batch['plan']``
+    (:func:`forward_plan`, set by the trainer's ``prepare_batch``) is computed here when absent.
     """
-    if spec.share_prompt and spec.kind == "preference":
-        return _shared_prompt_logps(model, batch, spec)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    labels = batch["labels"]
-    keep = None
-    if _takes_logits_to_keep(model):
-        keep = batch["loss_mask"].bool().any(dim=0).nonzero().squeeze(-1)  # logits[:, t] predicts labels[:, t]
-        inputs["logits_to_keep"] = keep
-        labels = labels[:, keep]
-    logits = model(**inputs).logits
-    if keep is None:
-        logits = logits[:, :-1]
-    if spec.compile:
-        logps = fused_token_logprobs(logits, labels)
-    else:
-        logps = token_logprobs(logits, labels, chunk_size=spec.chunk_size)
-    if keep is None:
-        return logps
+    plan = batch["plan"] if "plan" in batch else forward_plan(batch, spec)
+    if not _takes_logits_to_keep(model):
+        if "allowed" in plan:
+            raise ValueError("train.share_prompt needs a model whose forward takes logits_to_keep")
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return _logps(logits[:, :-1], batch["labels"], spec)
+    if "allowed" in plan:
+        return _shared_prompt_logps(model, batch, plan, spec)
+    keep = plan["keep"]
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False
+    ).logits
+    logps = _logps(logits, batch["labels"][:, keep], spec)
     return logps.new_zeros(batch["labels"].shape).index_copy(1, keep, logps)
 
 
-def _shared_prompt_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
+def _shared_prompt_logps(model, batch: dict, plan: dict, spec: StepSpec) -> torch.Tensor:
     """``sequence_logps`` with each pair's prompt computed once (layout: :func:`shared_prompt_layout`)."""
-    if not _takes_logits_to_keep(model):
-        raise ValueError("train.share_prompt needs a model whose forward takes logits_to_keep (transformers >= 4.50)")
     attention = getattr(getattr(model, "module", model).config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):  # flash kernels take no 4-D mask
         raise ValueError(f"train.share_prompt needs sdpa or eager attention, the model uses {attention}")
-    layout = shared_prompt_layout(
-        batch["input_ids"], batch["attention_mask"], batch["response_mask"], next(model.parameters()).dtype
-    )
-    kept = batch["loss_mask"].bool()
-    where = layout["source"][kept]  # flat [pair * S + position] of every kept label
-    if bool((where < 0).any()):
-        raise ValueError("the loss mask keeps a token outside the responses")
-    width = layout["input_ids"].shape[1]
-    columns = torch.unique(where % width)  # sorted: the positions the output layer must read
+    dtype = next(model.parameters()).dtype  # an additive mask works for both sdpa and eager attention
+    mask = torch.zeros(plan["allowed"].shape, dtype=dtype, device=plan["allowed"].device)
+    mask.masked_fill_(~plan["allowed"], torch.finfo(dtype).min)
     logits = model(
-        input_ids=layout["input_ids"],
-        attention_mask=layout["attention_mask"],
-        position_ids=layout["position_ids"],
-        logits_to_keep=columns,
+        input_ids=plan["input_ids"],
+        attention_mask=mask[:, None],
+        position_ids=plan["position_ids"],
+        logits_to_keep=plan["columns"],
         use_cache=False,
     ).logits
-    picked = logits[where // width, torch.searchsorted(columns, where % width)][None]  # [1, N, V]
-    labels = batch["labels"][kept][None]
-    if spec.compile:
-        logps = fused_token_logprobs(picked, labels)[0]
-    else:
-        logps = token_logprobs(picked, labels, chunk_size=spec.chunk_size)[0]
+    kept = batch["loss_mask"].bool()
+    logps = _logps(logits[plan["rows"], plan["cols"]][None], batch["labels"][kept][None], spec)[0]
     return logps.new_zeros(kept.shape).index_put(tuple(kept.nonzero().T), logps)
