@@ -85,7 +85,7 @@ def _limits(values: list[float], bounds: tuple[float, float] | None) -> tuple[fl
     return (max(lo, bounds[0] - 0.02), min(hi, bounds[1] + 0.02)) if bounds else (lo, hi)
 
 
-def _panel(ax, points: list[dict], colors: dict, x_key: str, x_value: str, minimize_x: bool, current: str) -> list:
+def _panel(ax, points: list[dict], colors: dict, x_key: str, x_value: str, minimize_x: bool, current: str) -> None:
     """One plane: a colour per model (named in the figure legend), the front filled, dominated models hollow."""
     from matplotlib.ticker import MaxNLocator
 
@@ -114,7 +114,6 @@ def _panel(ax, points: list[dict], colors: dict, x_key: str, x_value: str, minim
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.set_ylabel("harmful compliance (lower is better)")
     ax.grid(alpha=0.3)
-    return usable
 
 
 def plot_safety_plane(docs: list[dict], current: str, path: Path) -> None:
@@ -124,7 +123,8 @@ def plot_safety_plane(docs: list[dict], current: str, path: Path) -> None:
     points = [plane_point(d) for d in docs]
     palette = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")
     colors = {p["tag"]: palette(i % palette.N) for i, p in enumerate(points)}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4 + 0.2 * ((len(points) + 2) // 3)))
+    legend_rows = (len(points) + 2) // 3
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4 + 0.2 * legend_rows))
     _panel(left, points, colors, "over", "rate", True, current)
     left.set_xlabel("over-refusal on benign prompts\n(lower is better)")
     left.set_title("safety plane", fontsize=10)
@@ -142,7 +142,7 @@ def plot_safety_plane(docs: list[dict], current: str, path: Path) -> None:
         f"{len(points)} model(s); filled: Pareto front (dashed); hollow: dominated; star: {current}; bars: 95% CI",
         fontsize=9,
     )
-    fig.tight_layout(rect=(0, 0.02 + 0.045 * ((len(points) + 2) // 3), 1, 1))
+    fig.tight_layout(rect=(0, 0.02 + 0.045 * legend_rows, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
