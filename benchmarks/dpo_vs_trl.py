@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -274,6 +275,14 @@ def main() -> None:
         return
 
     root = Path(tempfile.mkdtemp(prefix="eqrlhf-bench-"))
+    try:  # the model copy, pairs and both trainers' checkpoints take ~2 GB per invocation
+        compare(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def compare(args, root: Path) -> None:
+    """Run both sides in their own subprocesses on the same model and pairs; print the table and the ratio."""
     model_dir = make_model_dir(args, root)
     (root / "model_dir.txt").write_text(model_dir)
     write_pairs(args, root)

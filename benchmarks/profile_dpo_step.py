@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -80,6 +81,7 @@ def main() -> None:
     cfg = from_dict(tree)
     spec = StepSpec.from_config(cfg)
     engine = initialize_engine(build_policy(cfg, spec), build_ds_config(cfg.train, 1), cuda, lr_scheduler=None)
+    shutil.rmtree(root, ignore_errors=True)  # the model is loaded: leave no 0.5-4 GB copy behind
     engine.train()
     batches = [fabricated_batch(args.pairs, args.prompt_tokens, args.response_tokens, vocab, seed) for seed in range(4)]
     tokens = int(batches[0]["attention_mask"].sum())
