@@ -30,7 +30,8 @@ def fabricated_batch(pairs: int, prompt: int, response: int, vocab: int, seed: i
     from eqrlhf.train.batching import collate_sequences
 
     gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, vocab, (prompt,), generator=gen).tolist() for _ in range(2 * pairs)]
+    # chosen row b and rejected row b + pairs share their prompt, as collate() builds them (train.share_prompt)
+    prompts = [torch.randint(0, vocab, (prompt,), generator=gen).tolist() for _ in range(pairs)] * 2
     responses = [torch.randint(0, vocab, (response,), generator=gen).tolist() for _ in range(2 * pairs)]
     ref = [(-torch.rand(response, generator=gen) * 5).tolist() for _ in range(2 * pairs)]
     batch = collate_sequences(prompts, responses, 0, {"ref_token_logps": ref})
