@@ -186,6 +186,8 @@ class TrainSection(Section):
     output: str | None = None  # default: <run>/train
     num_workers: int = 1
     use_gpu: bool = False
+    # GPUs per worker when use_gpu; a fraction shares one GPU with rollout engines (rollout.sync_method=cuda_ipc)
+    gpus_per_worker: float = Field(1.0, gt=0)
     cpus_per_worker: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload: bool = False
@@ -229,6 +231,9 @@ class RolloutSection(Section):
     kv_cache_gb: float = Field(1, gt=0)  # vLLM on CPU: KV cache size (GiB)
     enforce_eager: bool = True  # vLLM: no graph capture / compilation (start-up in seconds, not minutes)
     sync_bucket_mb: float = Field(64, gt=0)  # weight sync bucket size
+    # object_store: buckets travel as host copies through Ray (works everywhere); cuda_ipc: engines on trainer
+    # rank 0's GPU copy each bucket from the trainer's CUDA buffer, device to device
+    sync_method: Literal["object_store", "cuda_ipc"] = "object_store"
     sync_timeout_s: float = Field(300, gt=0)  # weight sync (and placement) fails after this instead of hanging
     max_retries: int = Field(2, ge=0)  # restarts of a dead engine per request before generate fails
 

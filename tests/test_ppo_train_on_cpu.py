@@ -144,6 +144,7 @@ def test_config_errors_name_the_key_before_ray(tmp_path, model_dir, prompts_dir,
     fails(ConfigError, "set exactly one of ppo.cost_model", algorithm={"loss": "ppo_lagrangian"})
     fails(ConfigError, "ama.scorer=reward_prefix: AMA-PPO masks tokens with the critic", ama={"enabled": True})
     fails(ConfigError, "= 8 episodes must be a multiple of .* = 6", train={"micro_batch_size": 3})
+    fails(ConfigError, "rollout.sync_method=cuda_ipc needs train.use_gpu=true", rollout={"sync_method": "cuda_ipc"})
     fails(TrainInputError, "prompt input .*nowhere does not exist", ppo={"input": str(tmp_path / "nowhere")})
     fails(TrainInputError, "0 of 12 prompts fit model.max_length=40 minus ppo.max_new_tokens=8",
           model={"max_length": 40})  # fmt: skip

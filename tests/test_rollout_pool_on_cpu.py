@@ -102,6 +102,10 @@ def test_expected_shapes_and_bucket_checks(tmp_path):
         check_bucket(pack_bucket([("model.nrom.weight", torch.ones(64))]), shapes, "tiny")
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(32,\), model tiny expects \(64,\)"):
         check_bucket(pack_bucket([("model.norm.weight", torch.ones(32))]), shapes, "tiny")
+    # a CUDA bucket's entries carry sizes instead of data (the GPU path itself: tests/test_gpu_paths_on_cuda.py)
+    check_bucket([("model.norm.weight", "bfloat16", (64,), 128)], shapes, "tiny")
+    with pytest.raises(ValueError, match=r"'model.norm.weight' carries 64 bytes, bfloat16\[64\] needs 128"):
+        check_bucket([("model.norm.weight", "bfloat16", (64,), 64)], shapes, "tiny")
 
 
 def test_pool_refuses_bad_settings_before_taking_resources(tmp_path):
@@ -110,6 +114,8 @@ def test_pool_refuses_bad_settings_before_taking_resources(tmp_path):
     shared_gpu = {"engine": "vllm", "gpus_per_engine": 0.5, "gpu_memory_utilization": 0.85}
     with pytest.raises(ValueError, match="gpu_memory_utilization=0.85 is more than .* rollout.gpus_per_engine=0.5"):
         EnginePool(from_dict({"rollout": shared_gpu}))
+    with pytest.raises(ValueError, match="sync_method=cuda_ipc needs engines on a GPU"):
+        EnginePool(from_dict({"rollout": {"sync_method": "cuda_ipc"}}))
     with pytest.raises(FileNotFoundError, match="model directory not found: ./no/such/model"):
         EnginePool(from_dict({"model": {"name_or_path": "./no/such/model"}}))
 

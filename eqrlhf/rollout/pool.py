@@ -16,6 +16,10 @@ GPUs, fractions allowed), so rollout capacity is sized apart from the trainer's 
   the latest complete update, so a restarted engine gets the current policy, not the
   checkpoint it was started from. With ``probe`` it also measures the log-prob gap between
   the trainer and the engines on the same tokens (returned and logged with the sync time).
+  With ``rollout.sync_method: cuda_ipc`` (engines on trainer rank 0's GPU) each bucket is
+  one flat CUDA buffer that the engines map and copy from, device to device; at most
+  ``IPC_BUCKETS_IN_FLIGHT`` buffers exist at once, and a host copy of each bucket is kept
+  for engines restarted later.
 
 Sharing a pool with another process (a Ray Train worker gets it through
 ``train_loop_config``): it pickles with its actor handles, placement group and weight refs,
@@ -32,9 +36,9 @@ reproducible for a given number of engines; greedy decoding does not depend on i
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -47,72 +51,22 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from eqrlhf.algorithms.logprobs import token_logprobs
 from eqrlhf.rollout.base import Completion, Conversation, Sampling
+from eqrlhf.rollout.engine_actor import RemoteEngine
 from eqrlhf.rollout.weight_sync import (
     bucket_named_tensors,
     check_bucket,
+    cuda_bucket_entries,
     expected_shapes,
+    host_copy_of_cuda_bucket,
     pack_bucket,
     packed_nbytes,
-    unpack_bucket,
+    share_cuda_bucket,
 )
 
 logger = logging.getLogger(__name__)
 
 PROBE_TOKENS = 16  # greedy tokens per probe conversation after a weight sync
-
-
-class EngineActor:
-    """Hosts one engine in a Ray actor and gives every engine the same bucketed weight-update calls."""
-
-    def __init__(self, cfg, model_path: str, slot: int = 0, slots: int = 1):
-        from eqrlhf.rollout import resolve_device
-
-        self.kind = cfg.rollout.engine
-        if self.kind == "vllm":
-            from eqrlhf.rollout.vllm_engine import VLLMEngine, cpu_bind_spec
-
-            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-            bind = cpu_bind_spec(cores, slot, slots, cfg.rollout.tensor_parallel_size)
-            self.engine = VLLMEngine.from_config(
-                cfg, model_path, cpu_bind=bind if cfg.rollout.gpus_per_engine == 0 else None
-            )
-        else:
-            from eqrlhf.rollout.hf_engine import HFEngine
-
-            self.engine = HFEngine(
-                model_path,
-                dtype=cfg.model.dtype,
-                trust_remote_code=cfg.model.trust_remote_code,
-                device=resolve_device(cfg.generation.device),
-                batch_size=cfg.generation.batch_size,
-            )
-
-    def generate(self, prompts: list[Conversation], sampling: Sampling) -> list[Completion]:
-        return self.engine.generate(prompts, sampling)
-
-    def begin_weight_update(self) -> None:
-        if self.kind == "vllm":
-            self.engine.begin_weight_update()
-
-    def load_weight_bucket(self, packed: list) -> int:
-        if self.kind == "vllm":
-            return self.engine.load_weight_bucket(packed)
-        tensors = unpack_bucket(packed)
-        self.engine.update_weights(tensors)
-        return len(tensors)
-
-    def finish_weight_update(self) -> None:
-        if self.kind == "vllm":
-            self.engine.finish_weight_update()
-
-    def health(self) -> dict:
-        import psutil
-
-        children = [child.pid for child in psutil.Process().children(recursive=True)]  # vLLM's engine processes
-        return {**self.engine.health(), "pid": os.getpid(), "child_pids": children}
-
-
-RemoteEngine = ray.remote(EngineActor)
+IPC_BUCKETS_IN_FLIGHT = 2  # cuda_ipc: flat bucket buffers alive at once on the trainer's GPU
 
 
 def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
@@ -188,6 +142,11 @@ class EnginePool:
                 f"rollout.gpus_per_engine={r.gpus_per_engine} is less than "
                 f"rollout.tensor_parallel_size={r.tensor_parallel_size}"
             )
+        if r.sync_method == "cuda_ipc" and (r.gpus_per_engine == 0 or r.tensor_parallel_size != 1):
+            raise ValueError(
+                "rollout.sync_method=cuda_ipc needs engines on a GPU (rollout.gpus_per_engine > 0) with "
+                "rollout.tensor_parallel_size=1, on trainer rank 0's GPU"
+            )
         if 0 < r.gpus_per_engine < 1 and r.engine == "vllm" and r.gpu_memory_utilization > r.gpus_per_engine:
             raise ValueError(
                 f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} is more than this engine's GPU share "
@@ -261,8 +220,10 @@ class EnginePool:
                 f"restarted engine {index} was not up within rollout.sync_timeout_s={timeout} s"
             ) from None
         if self._weight_refs:
+            # cuda_ipc keeps host copies, put in the object store only when an engine needs them
+            refs = [ref if isinstance(ref, ray.ObjectRef) else ray.put(ref) for ref in self._weight_refs]
             calls = [engine.begin_weight_update.remote()]
-            calls += [engine.load_weight_bucket.remote(ref) for ref in self._weight_refs]
+            calls += [engine.load_weight_bucket.remote(ref) for ref in refs]
             calls.append(engine.finish_weight_update.remote())
             try:
                 ray.get(calls, timeout=self.cfg.rollout.sync_timeout_s)
@@ -319,20 +280,33 @@ class EnginePool:
         """
         r = self.cfg.rollout
         bucket_bytes = bucket_bytes or int(r.sync_bucket_mb * 2**20)
+        ipc = r.sync_method == "cuda_ipc"
         started = time.perf_counter()
         refs, calls, nbytes, tensors = [], {i: [] for i in range(len(self._engines))}, 0, 0
+        in_flight = collections.deque()  # cuda_ipc: (buffer, load calls) of buckets engines may still read
         try:
             for bucket in bucket_named_tensors(named_tensors, bucket_bytes):
-                packed = pack_bucket(bucket)
+                if ipc:
+                    buffer, handle = share_cuda_bucket(bucket)
+                    entries = cuda_bucket_entries(handle)
+                else:
+                    entries = pack_bucket(bucket)
                 if self._shapes is not None:
-                    check_bucket(packed, self._shapes, self.model_name)
+                    check_bucket(entries, self._shapes, self.model_name)
                 if not refs:
                     for i, engine in enumerate(self._engines):
                         calls[i].append(engine.begin_weight_update.remote())
-                refs.append(ray.put(packed))
-                nbytes, tensors = nbytes + packed_nbytes(packed), tensors + len(packed)
-                for i, engine in enumerate(self._engines):
-                    calls[i].append(engine.load_weight_bucket.remote(refs[-1]))
+                nbytes, tensors = nbytes + packed_nbytes(entries), tensors + len(entries)
+                if ipc:
+                    loads = [engine.load_cuda_bucket.remote(handle) for engine in self._engines]
+                    refs.append(host_copy_of_cuda_bucket(buffer, handle))  # overlaps the engines' copies
+                    in_flight.append((buffer, loads))
+                    self._retire_buckets(in_flight, started)
+                else:
+                    refs.append(ray.put(entries))
+                    loads = [engine.load_weight_bucket.remote(refs[-1]) for engine in self._engines]
+                for i, load in enumerate(loads):
+                    calls[i].append(load)
         except Exception:
             if refs:  # engines hold a half-applied update: put them back on the previous weights
                 self._restart_all()
@@ -343,6 +317,9 @@ class EnginePool:
             calls[i].append(engine.finish_weight_update.remote())
         previous, self._weight_refs = self._weight_refs, refs
         self._await_sync(calls, previous, started)
+        if ipc:
+            in_flight.clear()
+            torch.cuda.ipc_collect()  # the engines let go of every buffer: free them now
         seconds = time.perf_counter() - started
         stats = {"sync_seconds": seconds, "bytes": nbytes, "tensors": tensors, "buckets": len(refs)}
         if probe is not None:
@@ -354,6 +331,19 @@ class EnginePool:
             tensors, nbytes / 2**20, len(refs), len(self._engines), seconds, stats.get("logprob_gap", "not probed"),
         )  # fmt: skip
         return stats
+
+    def _retire_buckets(self, in_flight: collections.deque, started: float) -> None:
+        """Drop the oldest CUDA bucket buffers once every engine has copied them (bounds the trainer's memory).
+
+        An engine that does not finish in time leaves its buffer alive: ``_await_sync`` then reports it.
+        """
+        while len(in_flight) > IPC_BUCKETS_IN_FLIGHT:
+            loads = in_flight[0][1]
+            remaining = max(0.0, started + self.cfg.rollout.sync_timeout_s - time.perf_counter())
+            done, _ = ray.wait(loads, num_returns=len(loads), timeout=remaining)
+            if len(done) < len(loads):
+                return
+            in_flight.popleft()
 
     def _await_sync(self, calls: dict[int, list], previous: list, started: float) -> None:
         r = self.cfg.rollout

@@ -26,7 +26,11 @@ tuples), and the second hop (vLLM's shared-memory broadcast queue to its workers
 the message internally, which rejects the memoryviews that zero-copy tensor encoding
 produces. So a bucket travels as plain ``(name, dtype, shape, bytes)`` tuples
 (:func:`eqrlhf.rollout.weight_sync.to_wire`) and the worker rebuilds tensors with
-``torch.frombuffer``: no callable is ever serialized.
+``torch.frombuffer``: no callable is ever serialized. With ``rollout.sync_method: cuda_ipc``
+the RPC carries a CUDA bucket handle instead (also plain data) and each worker maps the
+trainer's buffer on its own GPU (:func:`eqrlhf.rollout.weight_sync.open_cuda_bucket`); that
+path shares its code with the transformers engine's, which runs in the GPU tests, but has not
+itself run with vLLM on a GPU yet.
 
 Environment set before vLLM starts (process-wide, which is why an engine lives in its own
 Ray actor): a fresh ``VLLM_RPC_BASE_PATH`` per engine (its IPC sockets must not collide with
@@ -47,7 +51,9 @@ from eqrlhf.rollout.base import Completion, Conversation, Sampling
 from eqrlhf.rollout.weight_sync import (
     bucket_named_tensors,
     check_bucket,
+    cuda_bucket_entries,
     expected_shapes,
+    open_cuda_bucket,
     pack_bucket,
     to_wire,
     unpack_bucket,
@@ -80,6 +86,19 @@ class WeightSyncExtension:
             loaded = self.get_model().load_weights(unpack_bucket(wire))
         self.eqrlhf_loaded.update(loaded or ())
         return len(wire)
+
+    def eqrlhf_load_cuda_bucket(self, handle: dict, names: list[str]) -> int:
+        """The tensors ``names`` of a trainer's CUDA bucket (rollout.sync_method=cuda_ipc), copied on the GPU."""
+        import torch
+        from vllm.config import set_current_vllm_config
+
+        if getattr(self, "eqrlhf_loaded", None) is None:
+            raise RuntimeError("eqrlhf_load_cuda_bucket called outside a weight update session")
+        with set_current_vllm_config(self.vllm_config):
+            loaded = self.get_model().load_weights(open_cuda_bucket(handle, set(names)))
+        torch.cuda.synchronize()  # copied before the trainer may free its buffer
+        self.eqrlhf_loaded.update(loaded or ())
+        return len(names)
 
     def eqrlhf_finish_weight_update(self) -> int:
         from vllm.config import set_current_vllm_config
@@ -274,6 +293,20 @@ class VLLMEngine:
         if packed:
             self.llm.collective_rpc("eqrlhf_load_weight_bucket", args=(to_wire(packed),))
         return len(packed)
+
+    def load_cuda_bucket(self, handle: dict) -> int:
+        """Load one CUDA bucket (see :func:`eqrlhf.rollout.weight_sync.share_cuda_bucket`); returns tensors loaded.
+
+        The handle is plain data (bytes, ints, strings), so it crosses ``collective_rpc`` like a packed bucket.
+        """
+        if not self._updating:
+            raise RuntimeError("load_cuda_bucket: call begin_weight_update first")
+        entries = cuda_bucket_entries(handle)
+        self.check_bucket(entries)
+        names = [name for name, *_ in entries if name not in self.skip_names]
+        if names:
+            self.llm.collective_rpc("eqrlhf_load_cuda_bucket", args=(handle, names))
+        return len(names)
 
     def finish_weight_update(self) -> dict:
         loaded = self.llm.collective_rpc("eqrlhf_finish_weight_update")

@@ -148,8 +148,16 @@ def _worker_env() -> dict:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
+def scaling_config(train):
+    """Ray Train workers: ``train.cpus_per_worker`` CPUs each and, with ``use_gpu``, ``gpus_per_worker`` GPUs."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if train.use_gpu else {})}
+    return ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources)
+
+
 def build_trainer(cfg: Config, plan: dict):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from eqrlhf.train.loop import train_loop_per_worker
@@ -158,9 +166,7 @@ def build_trainer(cfg: Config, plan: dict):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan},
-        scaling_config=ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}
-        ),
+        scaling_config=scaling_config(train),
         run_config=RunConfig(
             name=CHECKPOINTS,  # checkpoints land in <train dir>/checkpoints/step_N
             storage_path=plan["train_dir"],

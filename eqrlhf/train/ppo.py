@@ -142,6 +142,13 @@ def _batch_plan(cfg: Config) -> dict:
         raise ConfigError(
             f"model.max_length={cfg.model.max_length} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
         )
+    if cfg.rollout.sync_method == "cuda_ipc" and not (
+        cfg.train.use_gpu and cfg.rollout.gpus_per_engine > 0 and cfg.rollout.tensor_parallel_size == 1
+    ):
+        raise ConfigError(
+            "rollout.sync_method=cuda_ipc needs train.use_gpu=true and engines on trainer rank 0's GPU "
+            "(rollout.gpus_per_engine > 0, rollout.tensor_parallel_size=1); use object_store otherwise"
+        )
     return {
         "rollout_batch": rollout_batch,
         "global_batch": global_batch,
@@ -193,10 +200,10 @@ def prepare_ppo(cfg: Config) -> dict:
 
 
 def build_ppo_trainer(cfg: Config, plan: dict, pool):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from eqrlhf.train import CHECKPOINTS, _worker_env
+    from eqrlhf.train import CHECKPOINTS, _worker_env, scaling_config
     from eqrlhf.train.ppo_loop import ppo_loop_per_worker
 
     train = cfg.train
@@ -204,9 +211,7 @@ def build_ppo_trainer(cfg: Config, plan: dict, pool):
         ppo_loop_per_worker,
         # the pool object carries only actor and placement-group handles: rank 0 uses them, nothing is copied
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan, "pool": pool},
-        scaling_config=ScalingConfig(
-            num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}
-        ),
+        scaling_config=scaling_config(train),
         run_config=RunConfig(
             name=CHECKPOINTS,
             storage_path=plan["train_dir"],

@@ -164,10 +164,15 @@ def _param_groups(named_params: list, bucket_bytes: int) -> list[list]:
     return groups + ([group] if group else [])
 
 
-def policy_tensors(engine, bucket_bytes: int, rank: int):
+def policy_tensors(engine, bucket_bytes: int, rank: int, on_device: bool = False):
     """(name, tensor) of every policy parameter on rank 0; ZeRO-3 shards are gathered group by group, and every
-    rank must iterate this generator to the end (the gathers are collectives)."""
+    rank must iterate this generator to the end (the gathers are collectives).
+
+    Host copies by default; ``on_device`` (cuda_ipc sync) yields the parameters themselves, or device copies
+    of gathered ZeRO-3 shards, which the pool packs into its CUDA buckets.
+    """
     zero3 = engine.zero_optimization_stage() == 3
+    device = engine.device if on_device else "cpu"
     for group in _param_groups(list(engine.module.named_parameters()), bucket_bytes):
         if zero3:
             import deepspeed
@@ -178,13 +183,13 @@ def policy_tensors(engine, bucket_bytes: int, rank: int):
         with gathered:
             if rank == 0:
                 for name, param in group:  # a copy: the gathered storage is released when the group ends
-                    yield name, param.detach().to("cpu", copy=True) if zero3 else param.detach().cpu()
+                    yield name, param.detach().to(device, copy=True) if zero3 else param.detach().to(device)
 
 
 def sync_policy(engine, pool, cfg: Config, rank: int) -> dict[str, float]:
     """Push the policy's weights to every rollout engine; rank 0 returns the pool's sync statistics."""
     bucket_bytes = int(cfg.rollout.sync_bucket_mb * 2**20)
-    tensors = policy_tensors(engine, bucket_bytes, rank)
+    tensors = policy_tensors(engine, bucket_bytes, rank, on_device=cfg.rollout.sync_method == "cuda_ipc")
     if rank != 0:
         for _ in tensors:
             pass

@@ -154,7 +154,7 @@ def trial_resources(cfg: Config) -> tuple[dict, dict]:
 
     The trial process generates and judges during evaluation (``generation.num_gpus``); its Ray Train
     workers are placed by Ray Train, not by Tune, so the peak adds them: ``train.num_workers`` x
-    (``train.cpus_per_worker`` CPUs, one GPU with ``train.use_gpu``). ``sweep.cpus_per_trial`` and
+    (``train.cpus_per_worker`` CPUs, ``train.gpus_per_worker`` GPUs with ``train.use_gpu``). ``sweep.cpus_per_trial`` and
     ``sweep.gpus_per_trial`` replace the derived peak.
     """
     train, sweep = cfg.train, cfg.sweep
@@ -163,7 +163,7 @@ def trial_resources(cfg: Config) -> tuple[dict, dict]:
         "CPU": sweep.cpus_per_trial or own["CPU"] + train.num_workers * train.cpus_per_worker,
         "GPU": sweep.gpus_per_trial
         if sweep.gpus_per_trial is not None
-        else own["GPU"] + (train.num_workers if train.use_gpu else 0),
+        else own["GPU"] + (train.num_workers * train.gpus_per_worker if train.use_gpu else 0),
     }
     return own, peak
 

@@ -1,0 +1,78 @@
+"""The Ray actor that hosts one rollout engine (vLLM or transformers) for :class:`~eqrlhf.rollout.pool.EnginePool`.
+
+Every engine gets the same weight-update calls here: a session (``begin``/``finish``) around
+buckets that arrive either packed through the object store or as CUDA bucket handles.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+
+from eqrlhf.rollout.base import Completion, Conversation, Sampling
+from eqrlhf.rollout.weight_sync import open_cuda_bucket, unpack_bucket
+
+
+class EngineActor:
+    """Hosts one engine in a Ray actor (started by the pool in its placement-group bundle)."""
+
+    def __init__(self, cfg, model_path: str, slot: int = 0, slots: int = 1):
+        from eqrlhf.rollout import resolve_device
+
+        self.kind = cfg.rollout.engine
+        if self.kind == "vllm":
+            from eqrlhf.rollout.vllm_engine import VLLMEngine, cpu_bind_spec
+
+            cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+            bind = cpu_bind_spec(cores, slot, slots, cfg.rollout.tensor_parallel_size)
+            self.engine = VLLMEngine.from_config(
+                cfg, model_path, cpu_bind=bind if cfg.rollout.gpus_per_engine == 0 else None
+            )
+        else:
+            from eqrlhf.rollout.hf_engine import HFEngine
+
+            self.engine = HFEngine(
+                model_path,
+                dtype=cfg.model.dtype,
+                trust_remote_code=cfg.model.trust_remote_code,
+                device=resolve_device(cfg.generation.device),
+                batch_size=cfg.generation.batch_size,
+            )
+
+    def generate(self, prompts: list[Conversation], sampling: Sampling) -> list[Completion]:
+        return self.engine.generate(prompts, sampling)
+
+    def begin_weight_update(self) -> None:
+        if self.kind == "vllm":
+            self.engine.begin_weight_update()
+
+    def load_weight_bucket(self, packed: list) -> int:
+        if self.kind == "vllm":
+            return self.engine.load_weight_bucket(packed)
+        tensors = unpack_bucket(packed)
+        self.engine.update_weights(tensors)
+        return len(tensors)
+
+    def load_cuda_bucket(self, handle: dict) -> int:
+        """Copy a bucket straight from the trainer's CUDA buffer (rollout.sync_method=cuda_ipc)."""
+        if self.kind == "vllm":
+            return self.engine.load_cuda_bucket(handle)
+        tensors = open_cuda_bucket(handle)
+        self.engine.update_weights(tensors)
+        torch.cuda.synchronize()  # the copies are done before the trainer may free or reuse its buffer
+        return len(tensors)
+
+    def finish_weight_update(self) -> None:
+        if self.kind == "vllm":
+            self.engine.finish_weight_update()
+
+    def health(self) -> dict:
+        import psutil
+
+        children = [child.pid for child in psutil.Process().children(recursive=True)]  # vLLM's engine processes
+        return {**self.engine.health(), "pid": os.getpid(), "child_pids": children}
+
+
+RemoteEngine = ray.remote(EngineActor)
