@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rows", type=int, default=25, help="operators in the profile table (0: timing only)")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. train.zero_stage=2")
+    parser.add_argument("--phases", action="store_true", help="host ms per step in forward, backward and step")
     args = parser.parse_args()
 
     import deepspeed
@@ -105,6 +106,8 @@ def main() -> None:
         f"{args.shape} {args.device} overrides={args.set}: {seconds * 1e3:.1f} ms/step, "
         f"{tokens / seconds:,.0f} tokens/s, peak {peak:.1f} GiB"
     )
+    if args.phases:  # host time per phase of the step, without the profiler's per-op overhead
+        phase_times(engine, step, cuda, args.steps)
     if args.rows == 0:
         return
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -114,6 +117,44 @@ def main() -> None:
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+
+
+def phase_times(engine, step, cuda: bool, steps: int) -> None:
+    """Host milliseconds per step spent inside DeepSpeed's forward, backward and step calls, and the rest.
+
+    The host returns from a call as soon as its kernels are queued, so on a GPU these are launch and Python
+    costs; a step whose host total exceeds its device time is bound by the host.
+    """
+    import torch
+
+    spent = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+
+    def timed(name, call):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - started
+
+        return wrapper
+
+    originals = {name: getattr(engine, name) for name in spent}
+    for name, call in originals.items():
+        setattr(engine, name, timed(name, call))
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize()
+    total = (time.perf_counter() - started) / steps * 1e3
+    for name, call in originals.items():
+        setattr(engine, name, call)
+    shown = ", ".join(f"{name} {seconds / steps * 1e3:.1f}" for name, seconds in spent.items())
+    rest = total - sum(spent.values()) / steps * 1e3
+    print(f"host ms per step: {shown}, everything else {rest:.1f} (wall {total:.1f} ms/step)")
 
 
 if __name__ == "__main__":
