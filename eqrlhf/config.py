@@ -232,8 +232,9 @@ class RolloutSection(Section):
     enforce_eager: bool = True  # vLLM: no graph capture / compilation (start-up in seconds, not minutes)
     sync_bucket_mb: float = Field(64, gt=0)  # weight sync bucket size
     # object_store: buckets travel as host copies through Ray (works everywhere); cuda_ipc: engines on trainer
-    # rank 0's GPU copy each bucket from the trainer's CUDA buffer, device to device
-    sync_method: Literal["object_store", "cuda_ipc"] = "object_store"
+    # rank 0's GPU copy each bucket from the trainer's CUDA buffer, device to device; broadcast: trainer rank 0
+    # and the engines form a process group (NCCL when both are on GPUs, else gloo) and each bucket is broadcast
+    sync_method: Literal["object_store", "cuda_ipc", "broadcast"] = "object_store"
     sync_timeout_s: float = Field(300, gt=0)  # weight sync (and placement) fails after this instead of hanging
     max_retries: int = Field(2, ge=0)  # restarts of a dead engine per request before generate fails
 

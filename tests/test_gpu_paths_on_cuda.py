@@ -47,7 +47,8 @@ def model_dir(tmp_path_factory):
 def test_cuda_ipc_sync_reaches_a_colocated_engine(ray_local, model_dir, tmp_path):
     from eqrlhf.models.loading import load_causal_lm
     from eqrlhf.rollout.base import Sampling
-    from eqrlhf.rollout.pool import EnginePool, completion_logprobs, logprob_gap
+    from eqrlhf.rollout.pool import EnginePool
+    from eqrlhf.rollout.weight_sync import completion_logprobs, logprob_gap
 
     model = load_causal_lm(str(model_dir), dtype="bfloat16").cuda()
     with torch.no_grad():  # weights the engines do not have yet

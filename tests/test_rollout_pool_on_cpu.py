@@ -18,12 +18,13 @@ from eqrlhf.config import from_dict
 from eqrlhf.models.loading import load_tokenizer, tiny_llama
 from eqrlhf.rollout.base import Sampling
 from eqrlhf.rollout.hf_engine import HFEngine
-from eqrlhf.rollout.pool import EnginePool, chunk_sampling, logprob_gap, split_evenly
+from eqrlhf.rollout.pool import EnginePool, chunk_sampling, split_evenly
 from eqrlhf.rollout.vllm_engine import cpu_bind_spec
 from eqrlhf.rollout.weight_sync import (
     bucket_named_tensors,
     check_bucket,
     expected_shapes,
+    logprob_gap,
     pack_bucket,
     to_wire,
     unpack_bucket,
@@ -196,7 +197,7 @@ def test_pool_is_used_from_another_worker_and_logs_the_logprob_gap(ray_local, po
     def use_pool_elsewhere(pool, new_model: str) -> dict:
         """Runs in another worker process; nested so that Ray pickles it by value (workers cannot import tests)."""
         from eqrlhf.models.loading import load_causal_lm
-        from eqrlhf.rollout.pool import completion_logprobs
+        from eqrlhf.rollout.weight_sync import completion_logprobs
 
         sampling = Sampling(max_new_tokens=6)
         before = [c.token_ids for c in pool.generate(PROMPTS, sampling)]
@@ -284,3 +285,23 @@ def test_restart_that_outlasts_the_timeout_fails_and_a_later_call_heals(ray_loca
     pool.cfg.rollout.sync_timeout_s = 120
     assert token_ids(pool.generate(prompts, sampling)) == expected  # the next call restarts engine 1 again
     assert pool.restarts == [restarts[0], restarts[1] + 2]
+
+
+def test_broadcast_sync_through_a_process_group_survives_a_restart(ray_local, pool, model_dirs):
+    # rollout.sync_method=broadcast: the driver and both engines form a gloo group here (NCCL on GPUs)
+    pool.cfg.rollout.sync_method = "broadcast"
+    sampling = Sampling(max_new_tokens=6)
+    try:
+        stats = pool.update_weights(state_dict_of(model_dirs[1]).items(), bucket_bytes=2**20)
+        assert stats["buckets"] > 2 and pool._group is not None
+        seed1 = token_ids(HFEngine(str(model_dirs[1]), batch_size=4).generate(PROMPTS, sampling))
+        assert token_ids(pool.generate(PROMPTS, sampling)) == seed1
+        restarts = list(pool.restarts)
+        ray_local.kill(pool._engines[0], no_restart=True)
+        assert token_ids(pool.generate(PROMPTS, sampling)) == seed1  # restarted from the kept host copies
+        assert pool.restarts == [restarts[0] + 1, restarts[1]] and pool._group is None
+        pool.update_weights(state_dict_of(model_dirs[0]).items())  # a new group, with the new engine in it
+        seed0 = token_ids(HFEngine(str(model_dirs[0]), batch_size=4).generate(PROMPTS, sampling))
+        assert token_ids(pool.generate(PROMPTS, sampling)) == seed0
+    finally:
+        pool.cfg.rollout.sync_method = "object_store"

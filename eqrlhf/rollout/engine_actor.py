@@ -1,7 +1,7 @@
 """The Ray actor that hosts one rollout engine (vLLM or transformers) for :class:`~eqrlhf.rollout.pool.EnginePool`.
 
 Every engine gets the same weight-update calls here: a session (``begin``/``finish``) around
-buckets that arrive either packed through the object store or as CUDA bucket handles.
+buckets that arrive packed through the object store, as CUDA bucket handles, or by broadcast.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import ray
 import torch
 
 from eqrlhf.rollout.base import Completion, Conversation, Sampling
-from eqrlhf.rollout.weight_sync import open_cuda_bucket, unpack_bucket
+from eqrlhf.rollout.weight_sync import join_weight_group, open_cuda_bucket, receive_bucket, unpack_bucket
 
 
 class EngineActor:
@@ -62,6 +62,21 @@ class EngineActor:
         tensors = open_cuda_bucket(handle)
         self.engine.update_weights(tensors)
         torch.cuda.synchronize()  # the copies are done before the trainer may free or reuse its buffer
+        return len(tensors)
+
+    def join_weight_group(self, backend: str, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        """Join trainer rank 0's broadcast group (rollout.sync_method=broadcast) as ``rank``, replacing any older one."""
+        if self.kind == "vllm":
+            self.engine.join_weight_group(backend, host, port, rank, world, timeout_s)
+        else:
+            self.group = join_weight_group(backend, host, port, rank, world, timeout_s)
+
+    def receive_weight_bucket(self, layout: list, nbytes: int) -> int:
+        """Take part in the broadcast of one flat bucket and load it."""
+        if self.kind == "vllm":
+            return self.engine.receive_weight_bucket(layout, nbytes)
+        tensors = receive_bucket(self.group, layout, nbytes, self.engine.device)
+        self.engine.update_weights(tensors)
         return len(tensors)
 
     def finish_weight_update(self) -> None:

@@ -49,18 +49,23 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from eqrlhf.algorithms.logprobs import token_logprobs
 from eqrlhf.rollout.base import Completion, Conversation, Sampling
 from eqrlhf.rollout.engine_actor import RemoteEngine
 from eqrlhf.rollout.weight_sync import (
+    broadcast_bucket,
     bucket_named_tensors,
     check_bucket,
-    cuda_bucket_entries,
     expected_shapes,
-    host_copy_of_cuda_bucket,
+    flatten_bucket,
+    free_port,
+    host_copy,
+    join_weight_group,
+    layout_entries,
+    logprob_gap,
     pack_bucket,
     packed_nbytes,
-    share_cuda_bucket,
+    share_cuda_buffer,
+    weight_group_backend,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,51 +85,6 @@ def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
 
 def chunk_sampling(sampling: Sampling, start: int) -> Sampling:
     return sampling if start == 0 else dataclasses.replace(sampling, seed=(sampling.seed * 7919 + start) % (2**31))
-
-
-@torch.no_grad()
-def completion_logprobs(model, completions: Sequence[Completion]) -> list[list[float]]:
-    """The trainer's side of a log-prob comparison: one forward of a transformers causal LM over
-    prompt + completion per completion, log-probs of the completion tokens under the plain model
-    distribution (what greedy engines report). Each rank's own model: under ZeRO-3 every rank must
-    call it (the forward gathers shards), or use the PPO batch's own log-probs instead.
-    """
-    device = next(model.parameters()).device
-    values = []
-    for c in completions:
-        ids = torch.tensor([c.prompt_token_ids + c.token_ids], device=device)
-        logits = model(ids).logits[:, len(c.prompt_token_ids) - 1 : -1]
-        values.append(token_logprobs(logits, ids[:, len(c.prompt_token_ids) :])[0].tolist())
-    return values
-
-
-def logprob_gap(trainer_logprobs, engine_logprobs, mask=None) -> float:
-    """Mean absolute difference between trainer and engine log-probs of the same tokens.
-
-    Either two ``[B, T]`` tensors (with an optional 0/1 ``mask`` of the tokens to compare,
-    e.g. the response mask the trainer used with ``token_logprobs``), or two sequences of
-    per-sequence lists of equal lengths (``Completion.logprobs`` against the trainer's).
-    Non-finite values are an error, not silently averaged.
-    """
-    if isinstance(trainer_logprobs, torch.Tensor):
-        trainer, engine = trainer_logprobs.float(), torch.as_tensor(engine_logprobs, dtype=torch.float32)
-        if trainer.shape != engine.shape:
-            raise ValueError(f"logprob_gap: trainer {tuple(trainer.shape)} vs engine {tuple(engine.shape)}")
-        keep = torch.ones_like(trainer, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
-        trainer, engine = trainer[keep], engine[keep]
-    else:
-        if len(trainer_logprobs) != len(engine_logprobs):
-            raise ValueError(f"logprob_gap: {len(trainer_logprobs)} trainer vs {len(engine_logprobs)} engine sequences")
-        for k, (a, b) in enumerate(zip(trainer_logprobs, engine_logprobs)):
-            if len(a) != len(b):
-                raise ValueError(f"logprob_gap: sequence {k} has {len(a)} trainer and {len(b)} engine log-probs")
-        trainer = torch.tensor([x for seq in trainer_logprobs for x in seq], dtype=torch.float32)
-        engine = torch.tensor([x for seq in engine_logprobs for x in seq], dtype=torch.float32)
-    if trainer.numel() == 0:
-        raise ValueError("logprob_gap: no tokens to compare")
-    if not (torch.isfinite(trainer).all() and torch.isfinite(engine).all()):
-        raise ValueError("logprob_gap: non-finite log-prob among the compared tokens")
-    return float((trainer - engine).abs().mean())
 
 
 class EnginePool:
@@ -170,7 +130,8 @@ class EnginePool:
                 f"{r.sync_timeout_s} s (cluster has {ray.available_resources()})"
             ) from None
         self._slots = self._node_slots()
-        self._weight_refs: list[ray.ObjectRef] = []  # buckets of the latest complete update
+        self._weight_refs: list = []  # buckets of the latest complete update (object refs or host copies)
+        self._group = None  # sync_method=broadcast: (store, process group) of this process and the engines
         self.restarts = [0] * r.num_engines
         self._engines: list = [self._launch(i) for i in range(r.num_engines)]
         try:
@@ -208,6 +169,7 @@ class EnginePool:
     def _restart(self, index: int) -> None:
         """Replace engine ``index`` by a fresh actor in the same bundle holding the current weights."""
         ray.kill(self._engines[index], no_restart=True)
+        self._group = None  # the new engine is in no broadcast group: the next broadcast sync builds a new one
         self.restarts[index] += 1
         logger.warning("restarting rollout engine %d (restart %d)", index, self.restarts[index])
         engine = self._launch(index)
@@ -275,36 +237,42 @@ class EnginePool:
         ``probe = (conversations, trainer_logprobs)``: after the sync the pool answers the
         conversations greedily and ``stats["logprob_gap"]`` is :func:`logprob_gap` between
         ``trainer_logprobs(completions)`` (the trainer's forward over the same tokens, e.g.
-        :func:`completion_logprobs`) and the engines' log-probs: near 0 when the engines hold
+        :func:`~eqrlhf.rollout.weight_sync.completion_logprobs`) and the engines' log-probs: near 0 when the engines hold
         exactly the trainer's weights.
         """
         r = self.cfg.rollout
         bucket_bytes = bucket_bytes or int(r.sync_bucket_mb * 2**20)
-        ipc = r.sync_method == "cuda_ipc"
+        method = r.sync_method
         started = time.perf_counter()
+        group = self._weight_group() if method == "broadcast" else None
         refs, calls, nbytes, tensors = [], {i: [] for i in range(len(self._engines))}, 0, 0
         in_flight = collections.deque()  # cuda_ipc: (buffer, load calls) of buckets engines may still read
         try:
             for bucket in bucket_named_tensors(named_tensors, bucket_bytes):
-                if ipc:
-                    buffer, handle = share_cuda_bucket(bucket)
-                    entries = cuda_bucket_entries(handle)
-                else:
+                if method == "object_store":
                     entries = pack_bucket(bucket)
+                else:
+                    buffer, layout = flatten_bucket(bucket)
+                    entries = layout_entries(layout)
                 if self._shapes is not None:
                     check_bucket(entries, self._shapes, self.model_name)
                 if not refs:
                     for i, engine in enumerate(self._engines):
                         calls[i].append(engine.begin_weight_update.remote())
                 nbytes, tensors = nbytes + packed_nbytes(entries), tensors + len(entries)
-                if ipc:
+                if method == "object_store":
+                    refs.append(ray.put(entries))
+                    loads = [engine.load_weight_bucket.remote(refs[-1]) for engine in self._engines]
+                elif method == "cuda_ipc":
+                    handle = share_cuda_buffer(buffer, layout)
                     loads = [engine.load_cuda_bucket.remote(handle) for engine in self._engines]
-                    refs.append(host_copy_of_cuda_bucket(buffer, handle))  # overlaps the engines' copies
                     in_flight.append((buffer, loads))
                     self._retire_buckets(in_flight, started)
                 else:
-                    refs.append(ray.put(entries))
-                    loads = [engine.load_weight_bucket.remote(refs[-1]) for engine in self._engines]
+                    loads = [engine.receive_weight_bucket.remote(layout, buffer.numel()) for engine in self._engines]
+                    broadcast_bucket(group, buffer)  # returns once every engine has it (fails after the timeout)
+                if method != "object_store":
+                    refs.append(host_copy(buffer, layout))  # for engines restarted later; overlaps the engines' copies
                 for i, load in enumerate(loads):
                     calls[i].append(load)
         except Exception:
@@ -317,7 +285,7 @@ class EnginePool:
             calls[i].append(engine.finish_weight_update.remote())
         previous, self._weight_refs = self._weight_refs, refs
         self._await_sync(calls, previous, started)
-        if ipc:
+        if method == "cuda_ipc":
             in_flight.clear()
             torch.cuda.ipc_collect()  # the engines let go of every buffer: free them now
         seconds = time.perf_counter() - started
@@ -331,6 +299,27 @@ class EnginePool:
             tensors, nbytes / 2**20, len(refs), len(self._engines), seconds, stats.get("logprob_gap", "not probed"),
         )  # fmt: skip
         return stats
+
+    def _weight_group(self):
+        """This process's member of the broadcast group of every engine, built on first use and after a restart."""
+        if self._group is None:
+            r = self.cfg.rollout
+            backend, host, port = weight_group_backend(self.cfg), ray.util.get_node_ip_address(), free_port()
+            ranks = r.tensor_parallel_size if r.engine == "vllm" else 1  # group members per engine
+            world = 1 + ranks * len(self._engines)
+            joins = [
+                engine.join_weight_group.remote(backend, host, port, 1 + i * ranks, world, r.sync_timeout_s)
+                for i, engine in enumerate(self._engines)
+            ]
+            member = join_weight_group(backend, host, port, 0, world, r.sync_timeout_s)
+            ray.get(joins, timeout=r.sync_timeout_s)
+            self._group = member
+        return self._group
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_group"] = None  # process-local; another process's copy builds its own group on first use
+        return state
 
     def _retire_buckets(self, in_flight: collections.deque, started: float) -> None:
         """Drop the oldest CUDA bucket buffers once every engine has copied them (bounds the trainer's memory).

@@ -30,7 +30,9 @@ produces. So a bucket travels as plain ``(name, dtype, shape, bytes)`` tuples
 the RPC carries a CUDA bucket handle instead (also plain data) and each worker maps the
 trainer's buffer on its own GPU (:func:`eqrlhf.rollout.weight_sync.open_cuda_bucket`); that
 path shares its code with the transformers engine's, which runs in the GPU tests, but has not
-itself run with vLLM on a GPU yet.
+itself run with vLLM on a GPU yet. With ``broadcast`` every worker joins the trainer's process
+group (:func:`eqrlhf.rollout.weight_sync.join_weight_group`) and receives each flat bucket by
+broadcast; only the bucket's layout crosses the RPC (tested on CPU with gloo).
 
 Environment set before vLLM starts (process-wide, which is why an engine lives in its own
 Ray actor): a fresh ``VLLM_RPC_BASE_PATH`` per engine (its IPC sockets must not collide with
@@ -51,10 +53,12 @@ from eqrlhf.rollout.base import Completion, Conversation, Sampling
 from eqrlhf.rollout.weight_sync import (
     bucket_named_tensors,
     check_bucket,
-    cuda_bucket_entries,
     expected_shapes,
+    join_weight_group,
+    layout_entries,
     open_cuda_bucket,
     pack_bucket,
+    receive_bucket,
     to_wire,
     unpack_bucket,
 )
@@ -97,6 +101,25 @@ class WeightSyncExtension:
         with set_current_vllm_config(self.vllm_config):
             loaded = self.get_model().load_weights(open_cuda_bucket(handle, set(names)))
         torch.cuda.synchronize()  # copied before the trainer may free its buffer
+        self.eqrlhf_loaded.update(loaded or ())
+        return len(names)
+
+    def eqrlhf_join_weight_group(self, backend: str, host: str, port: int, first_rank: int, world: int,
+                                 timeout_s: float) -> None:  # fmt: skip
+        """Join the trainer's broadcast group as rank ``first_rank`` + this worker's tensor-parallel rank."""
+        rank = first_rank + getattr(self, "rank", 0)
+        self.eqrlhf_group = join_weight_group(backend, host, port, rank, world, timeout_s)
+
+    def eqrlhf_receive_weight_bucket(self, layout: list, nbytes: int, names: list[str]) -> int:
+        """Receive one broadcast flat bucket and load the tensors ``names`` of it."""
+        from vllm.config import set_current_vllm_config
+
+        if getattr(self, "eqrlhf_loaded", None) is None:
+            raise RuntimeError("eqrlhf_receive_weight_bucket called outside a weight update session")
+        device = self.device  # the worker's own; inside a reload session the parameters sit on "meta"
+        tensors = receive_bucket(self.eqrlhf_group, layout, nbytes, device, set(names))  # every rank takes part
+        with set_current_vllm_config(self.vllm_config):
+            loaded = self.get_model().load_weights(tensors)
         self.eqrlhf_loaded.update(loaded or ())
         return len(names)
 
@@ -301,11 +324,25 @@ class VLLMEngine:
         """
         if not self._updating:
             raise RuntimeError("load_cuda_bucket: call begin_weight_update first")
-        entries = cuda_bucket_entries(handle)
+        entries = layout_entries(handle["layout"])
         self.check_bucket(entries)
         names = [name for name, *_ in entries if name not in self.skip_names]
         if names:
             self.llm.collective_rpc("eqrlhf_load_cuda_bucket", args=(handle, names))
+        return len(names)
+
+    def join_weight_group(self, backend: str, host: str, port: int, rank: int, world: int, timeout_s: float) -> None:
+        """Every worker joins the trainer's broadcast group (ranks ``rank`` .. ``rank + tensor_parallel_size - 1``)."""
+        self.llm.collective_rpc("eqrlhf_join_weight_group", args=(backend, host, port, rank, world, timeout_s))
+
+    def receive_weight_bucket(self, layout: list, nbytes: int) -> int:
+        """Take part in the broadcast of one flat bucket (see :mod:`eqrlhf.rollout.weight_sync`); returns tensors loaded."""
+        if not self._updating:
+            raise RuntimeError("receive_weight_bucket: call begin_weight_update first")
+        entries = layout_entries(layout)
+        self.check_bucket(entries)
+        names = [name for name, *_ in entries if name not in self.skip_names]
+        self.llm.collective_rpc("eqrlhf_receive_weight_bucket", args=(layout, nbytes, names))
         return len(names)
 
     def finish_weight_update(self) -> dict:

@@ -29,6 +29,7 @@ import torch
 
 from eqrlhf.algorithms.ppo import update_log_lambda
 from eqrlhf.config import Config, from_dict
+from eqrlhf.rollout.weight_sync import weight_device
 from eqrlhf.train.checkpoint import (
     DS_TAG,
     checkpoint_dir_name,
@@ -168,7 +169,7 @@ def policy_tensors(engine, bucket_bytes: int, rank: int, on_device: bool = False
     """(name, tensor) of every policy parameter on rank 0; ZeRO-3 shards are gathered group by group, and every
     rank must iterate this generator to the end (the gathers are collectives).
 
-    Host copies by default; ``on_device`` (cuda_ipc sync) yields the parameters themselves, or device copies
+    Host copies by default; ``on_device`` (cuda_ipc or NCCL broadcast sync) yields the parameters themselves, or device copies
     of gathered ZeRO-3 shards, which the pool packs into its CUDA buckets.
     """
     zero3 = engine.zero_optimization_stage() == 3
@@ -189,7 +190,7 @@ def policy_tensors(engine, bucket_bytes: int, rank: int, on_device: bool = False
 def sync_policy(engine, pool, cfg: Config, rank: int) -> dict[str, float]:
     """Push the policy's weights to every rollout engine; rank 0 returns the pool's sync statistics."""
     bucket_bytes = int(cfg.rollout.sync_bucket_mb * 2**20)
-    tensors = policy_tensors(engine, bucket_bytes, rank, on_device=cfg.rollout.sync_method == "cuda_ipc")
+    tensors = policy_tensors(engine, bucket_bytes, rank, on_device=weight_device(cfg) == "cuda")
     if rank != 0:
         for _ in tensors:
             pass
