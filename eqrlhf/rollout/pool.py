@@ -18,8 +18,10 @@ GPUs, fractions allowed), so rollout capacity is sized apart from the trainer's 
   the trainer and the engines on the same tokens (returned and logged with the sync time).
   With ``rollout.sync_method: cuda_ipc`` (engines on trainer rank 0's GPU) each bucket is
   one flat CUDA buffer that the engines map and copy from, device to device; at most
-  ``IPC_BUCKETS_IN_FLIGHT`` buffers exist at once, and a host copy of each bucket is kept
-  for engines restarted later.
+  ``IPC_BUCKETS_IN_FLIGHT`` buffers exist at once. With ``broadcast`` this process and every
+  engine worker form a process group (built on first use, rebuilt after any restart) and each
+  flat bucket is broadcast from here. Both keep a host copy of each bucket for engines
+  restarted later.
 
 Sharing a pool with another process (a Ray Train worker gets it through
 ``train_loop_config``): it pickles with its actor handles, placement group and weight refs,
@@ -182,7 +184,7 @@ class EnginePool:
                 f"restarted engine {index} was not up within rollout.sync_timeout_s={timeout} s"
             ) from None
         if self._weight_refs:
-            # cuda_ipc keeps host copies, put in the object store only when an engine needs them
+            # cuda_ipc and broadcast keep host copies, put in the object store only when an engine needs them
             refs = [ref if isinstance(ref, ray.ObjectRef) else ray.put(ref) for ref in self._weight_refs]
             calls = [engine.begin_weight_update.remote()]
             calls += [engine.load_weight_bucket.remote(ref) for ref in refs]
@@ -237,8 +239,8 @@ class EnginePool:
         ``probe = (conversations, trainer_logprobs)``: after the sync the pool answers the
         conversations greedily and ``stats["logprob_gap"]`` is :func:`logprob_gap` between
         ``trainer_logprobs(completions)`` (the trainer's forward over the same tokens, e.g.
-        :func:`~eqrlhf.rollout.weight_sync.completion_logprobs`) and the engines' log-probs: near 0 when the engines hold
-        exactly the trainer's weights.
+        :func:`~eqrlhf.rollout.weight_sync.completion_logprobs`) and the engines' log-probs:
+        near 0 when the engines hold exactly the trainer's weights.
         """
         r = self.cfg.rollout
         bucket_bytes = bucket_bytes or int(r.sync_bucket_mb * 2**20)
