@@ -318,7 +318,7 @@ class VLLMEngine:
         return len(packed)
 
     def load_cuda_bucket(self, handle: dict) -> int:
-        """Load one CUDA bucket (see :func:`eqrlhf.rollout.weight_sync.share_cuda_bucket`); returns tensors loaded.
+        """Load one CUDA bucket (see :func:`eqrlhf.rollout.weight_sync.share_cuda_buffer`); returns tensors loaded.
 
         The handle is plain data (bytes, ints, strings), so it crosses ``collective_rpc`` like a packed bucket.
         """

@@ -10,7 +10,7 @@ callable, and it carries bfloat16, which numpy has no type for.
 
 With ``rollout.sync_method: cuda_ipc`` an engine on the trainer's own GPU reads a bucket in
 place instead: the trainer copies the bucket into one flat CUDA buffer and sends a *CUDA
-bucket handle* (:func:`share_cuda_bucket`): the buffer's CUDA IPC handle and a layout of
+bucket handle* (:func:`share_cuda_buffer`): the buffer's CUDA IPC handle and a layout of
 ``(name, dtype, shape, offset, nbytes)``, again plain data (bytes, ints, strings). The engine
 maps the buffer (:func:`open_cuda_bucket`) and copies from views of it, device to device.
 With ``broadcast`` the trainer and every engine form a process group of their own (NCCL on
