@@ -26,6 +26,7 @@ from eqrlhf.rollout.weight_sync import (
     expected_shapes,
     logprob_gap,
     pack_bucket,
+    packed_entries,
     to_wire,
     unpack_bucket,
 )
@@ -98,12 +99,12 @@ def test_expected_shapes_and_bucket_checks(tmp_path):
     assert shapes["lm_head.weight"] == (300, 64)  # tied: not stored, but in every state_dict
     assert shapes["model.layers.1.self_attn.q_proj.weight"] == (64, 64)
     good = pack_bucket([("model.norm.weight", torch.ones(64))])
-    check_bucket(good, shapes, "tiny")
+    check_bucket(packed_entries(good), shapes, "tiny")
     with pytest.raises(KeyError, match="unknown parameter name 'model.nrom.weight' for model tiny"):
-        check_bucket(pack_bucket([("model.nrom.weight", torch.ones(64))]), shapes, "tiny")
+        check_bucket(packed_entries(pack_bucket([("model.nrom.weight", torch.ones(64))])), shapes, "tiny")
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(32,\), model tiny expects \(64,\)"):
-        check_bucket(pack_bucket([("model.norm.weight", torch.ones(32))]), shapes, "tiny")
-    # a CUDA bucket's entries carry sizes instead of data (the GPU path itself: tests/test_gpu_paths_on_cuda.py)
+        check_bucket(packed_entries(pack_bucket([("model.norm.weight", torch.ones(32))])), shapes, "tiny")
+    # a flat bucket's entries (CUDA IPC, broadcast) are checked the same way
     check_bucket([("model.norm.weight", "bfloat16", (64,), 128)], shapes, "tiny")
     with pytest.raises(ValueError, match=r"'model.norm.weight' carries 64 bytes, bfloat16\[64\] needs 128"):
         check_bucket([("model.norm.weight", "bfloat16", (64,), 64)], shapes, "tiny")

@@ -57,6 +57,7 @@ from eqrlhf.rollout.weight_sync import (
     broadcast_bucket,
     bucket_named_tensors,
     check_bucket,
+    check_sync_method,
     expected_shapes,
     flatten_bucket,
     free_port,
@@ -65,7 +66,7 @@ from eqrlhf.rollout.weight_sync import (
     layout_entries,
     logprob_gap,
     pack_bucket,
-    packed_nbytes,
+    packed_entries,
     share_cuda_buffer,
     weight_group_backend,
 )
@@ -104,11 +105,7 @@ class EnginePool:
                 f"rollout.gpus_per_engine={r.gpus_per_engine} is less than "
                 f"rollout.tensor_parallel_size={r.tensor_parallel_size}"
             )
-        if r.sync_method == "cuda_ipc" and (r.gpus_per_engine == 0 or r.tensor_parallel_size != 1):
-            raise ValueError(
-                "rollout.sync_method=cuda_ipc needs engines on a GPU (rollout.gpus_per_engine > 0) with "
-                "rollout.tensor_parallel_size=1, on trainer rank 0's GPU"
-            )
+        check_sync_method(cfg)
         if 0 < r.gpus_per_engine < 1 and r.engine == "vllm" and r.gpu_memory_utilization > r.gpus_per_engine:
             raise ValueError(
                 f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} is more than this engine's GPU share "
@@ -252,7 +249,8 @@ class EnginePool:
         try:
             for bucket in bucket_named_tensors(named_tensors, bucket_bytes):
                 if method == "object_store":
-                    entries = pack_bucket(bucket)
+                    packed = pack_bucket(bucket)
+                    entries = packed_entries(packed)
                 else:
                     buffer, layout = flatten_bucket(bucket)
                     entries = layout_entries(layout)
@@ -261,9 +259,9 @@ class EnginePool:
                 if not refs:
                     for i, engine in enumerate(self._engines):
                         calls[i].append(engine.begin_weight_update.remote())
-                nbytes, tensors = nbytes + packed_nbytes(entries), tensors + len(entries)
+                nbytes, tensors = nbytes + sum(entry[3] for entry in entries), tensors + len(entries)
                 if method == "object_store":
-                    refs.append(ray.put(entries))
+                    refs.append(ray.put(packed))
                     loads = [engine.load_weight_bucket.remote(refs[-1]) for engine in self._engines]
                 elif method == "cuda_ipc":
                     handle = share_cuda_buffer(buffer, layout)

@@ -58,6 +58,7 @@ from eqrlhf.rollout.weight_sync import (
     layout_entries,
     open_cuda_bucket,
     pack_bucket,
+    packed_entries,
     receive_bucket,
     to_wire,
     unpack_bucket,
@@ -298,10 +299,14 @@ class VLLMEngine:
         self.llm.collective_rpc("eqrlhf_begin_weight_update")
         self._updating = True
 
-    def check_bucket(self, packed: list) -> None:
-        """Names and shapes against the checkpoint, before anything reaches the workers."""
+    def _names_to_load(self, entries: list, caller: str) -> list[str]:
+        """Check a bucket's names and shapes against the checkpoint, before anything reaches the workers; return
+        the names the workers load (a tied output head is vLLM's embedding and is skipped)."""
+        if not self._updating:
+            raise RuntimeError(f"{caller}: call begin_weight_update first")
         if self.shapes is not None:
-            check_bucket(packed, self.shapes, self.model_name)
+            check_bucket(entries, self.shapes, self.model_name)
+        return [name for name, *_ in entries if name not in self.skip_names]
 
     def load_weight_bucket(self, packed: list) -> int:
         """Load one packed bucket (see :mod:`eqrlhf.rollout.weight_sync`); returns tensors sent.
@@ -309,10 +314,8 @@ class VLLMEngine:
         A bucket refused here after earlier buckets of the same update were loaded leaves
         the engine half-updated: the pool restarts such engines (see EnginePool.update_weights).
         """
-        if not self._updating:
-            raise RuntimeError("load_weight_bucket: call begin_weight_update first")
-        self.check_bucket(packed)
-        packed = [item for item in packed if item[0] not in self.skip_names]
+        names = set(self._names_to_load(packed_entries(packed), "load_weight_bucket"))
+        packed = [item for item in packed if item[0] in names]
         if packed:
             self.llm.collective_rpc("eqrlhf_load_weight_bucket", args=(to_wire(packed),))
         return len(packed)
@@ -322,11 +325,7 @@ class VLLMEngine:
 
         The handle is plain data (bytes, ints, strings), so it crosses ``collective_rpc`` like a packed bucket.
         """
-        if not self._updating:
-            raise RuntimeError("load_cuda_bucket: call begin_weight_update first")
-        entries = layout_entries(handle["layout"])
-        self.check_bucket(entries)
-        names = [name for name, *_ in entries if name not in self.skip_names]
+        names = self._names_to_load(layout_entries(handle["layout"]), "load_cuda_bucket")
         if names:
             self.llm.collective_rpc("eqrlhf_load_cuda_bucket", args=(handle, names))
         return len(names)
@@ -337,12 +336,8 @@ class VLLMEngine:
 
     def receive_weight_bucket(self, layout: list, nbytes: int) -> int:
         """Take part in the broadcast of one flat bucket (see :mod:`eqrlhf.rollout.weight_sync`); returns tensors loaded."""
-        if not self._updating:
-            raise RuntimeError("receive_weight_bucket: call begin_weight_update first")
-        entries = layout_entries(layout)
-        self.check_bucket(entries)
-        names = [name for name, *_ in entries if name not in self.skip_names]
-        self.llm.collective_rpc("eqrlhf_receive_weight_bucket", args=(layout, nbytes, names))
+        names = self._names_to_load(layout_entries(layout), "receive_weight_bucket")
+        self.llm.collective_rpc("eqrlhf_receive_weight_bucket", args=(layout, nbytes, names))  # every worker takes part
         return len(names)
 
     def finish_weight_update(self) -> dict:
@@ -359,8 +354,9 @@ class VLLMEngine:
         sent, so a bad update leaves the running weights untouched.
         """
         buckets = [pack_bucket(bucket) for bucket in bucket_named_tensors(named_tensors, bucket_bytes)]
-        for packed in buckets:
-            self.check_bucket(packed)
+        if self.shapes is not None:
+            for packed in buckets:
+                check_bucket(packed_entries(packed), self.shapes, self.model_name)
         self.begin_weight_update()
         for packed in buckets:
             self.load_weight_bucket(packed)

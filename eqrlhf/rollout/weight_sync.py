@@ -60,10 +60,16 @@ def bucket_named_tensors(
         yield bucket
 
 
-def pack_tensor(name: str, tensor: torch.Tensor) -> PackedTensor:
+def dtype_name(name: str, tensor: torch.Tensor) -> str:
+    """The name of ``tensor``'s dtype as buckets carry it; a dtype outside :data:`DTYPES` is refused."""
     dtype = str(tensor.dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise TypeError(f"weight '{name}': dtype {dtype} cannot be synced (supported: {sorted(DTYPES)})")
+    return dtype
+
+
+def pack_tensor(name: str, tensor: torch.Tensor) -> PackedTensor:
+    dtype = dtype_name(name, tensor)
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return name, dtype, tuple(tensor.shape), flat.view(torch.uint8).numpy()
 
@@ -92,9 +98,11 @@ def to_wire(packed: Iterable[PackedTensor]) -> list[tuple[str, str, list[int], b
     return [(name, dtype, list(shape), bytes(data)) for name, dtype, shape, data in packed]
 
 
-def packed_nbytes(packed: Iterable[PackedTensor]) -> int:
-    """Bytes in a packed bucket (or in a CUDA bucket's entries, whose last field is the size)."""
-    return sum(data if isinstance(data, int) else len(data) for *_, data in packed)
+Entry = tuple[str, str, tuple[int, ...], int]  # (name, dtype, shape, nbytes): what check_bucket checks
+
+
+def packed_entries(packed: Iterable[PackedTensor]) -> list[Entry]:
+    return [(name, dtype, tuple(shape), len(data)) for name, dtype, shape, data in packed]
 
 
 def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
@@ -125,12 +133,12 @@ def expected_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_bucket(packed: Iterable[PackedTensor], shapes: dict[str, tuple[int, ...]], model: str) -> None:
-    """Refuse names the checkpoint does not have and shapes that differ, naming the tensor.
+def check_bucket(entries: Iterable[Entry], shapes: dict[str, tuple[int, ...]], model: str) -> None:
+    """Refuse names the checkpoint does not have, shapes that differ and sizes that do not fit, naming the tensor.
 
-    The last field of an entry is the data or, for a CUDA bucket's layout, its size in bytes.
+    ``entries``: :func:`packed_entries` of a packed bucket, or :func:`layout_entries` of a flat one.
     """
-    for name, dtype, shape, data in packed:
+    for name, dtype, shape, size in entries:
         if name not in shapes:
             close = sorted(shapes)[:3]
             raise KeyError(f"update_weights: unknown parameter name '{name}' for model {model} (e.g. {close})")
@@ -139,7 +147,6 @@ def check_bucket(packed: Iterable[PackedTensor], shapes: dict[str, tuple[int, ..
                 f"update_weights: '{name}' has shape {tuple(shape)}, model {model} expects {tuple(shapes[name])}"
             )
         expected = int(np.prod(shape)) * DTYPES[dtype].itemsize if dtype in DTYPES else -1
-        size = data if isinstance(data, int) else len(data)
         if size != expected:
             raise ValueError(f"update_weights: '{name}' carries {size} bytes, {dtype}{list(shape)} needs {expected}")
 
@@ -155,11 +162,8 @@ def flatten_bucket(bucket: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor
     """Copy a bucket into one flat ``uint8`` buffer on its first tensor's device; return it and its layout."""
     layout, size = [], 0
     for name, tensor in bucket:
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        if dtype not in DTYPES:
-            raise TypeError(f"weight '{name}': dtype {dtype} cannot be synced (supported: {sorted(DTYPES)})")
         nbytes = tensor.numel() * tensor.element_size()
-        layout.append((name, dtype, list(tensor.shape), size, nbytes))
+        layout.append((name, dtype_name(name, tensor), list(tensor.shape), size, nbytes))
         size += -(-nbytes // ALIGN) * ALIGN
     buffer = torch.empty(max(size, 1), dtype=torch.uint8, device=bucket[0][1].device)
     for (_, tensor), (_, _, _, offset, nbytes) in zip(bucket, layout):
@@ -167,8 +171,7 @@ def flatten_bucket(bucket: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor
     return buffer, layout
 
 
-def layout_entries(layout: Layout) -> list[tuple[str, str, tuple[int, ...], int]]:
-    """``(name, dtype, shape, nbytes)`` per tensor, the form :func:`check_bucket` takes."""
+def layout_entries(layout: Layout) -> list[Entry]:
     return [(name, dtype, tuple(shape), nbytes) for name, dtype, shape, _, nbytes in layout]
 
 
@@ -234,6 +237,26 @@ def open_cuda_bucket(handle: dict, names: set[str] | None = None) -> list[tuple[
 
 
 # ---- broadcast: trainer rank 0 and every engine in a process group of their own ----------------------------
+
+
+def check_sync_method(cfg, trainer: bool = False) -> None:
+    """Before any resource is taken: cuda_ipc needs GPU engines of one worker each and, when a trainer
+    syncs (``trainer``), a trainer on the GPU too."""
+    from eqrlhf.config import ConfigError
+
+    r = cfg.rollout
+    if r.sync_method != "cuda_ipc":
+        return
+    if trainer and not cfg.train.use_gpu:
+        raise ConfigError(
+            "rollout.sync_method=cuda_ipc needs train.use_gpu=true and engines on trainer rank 0's GPU; "
+            "use object_store or broadcast otherwise"
+        )
+    if r.gpus_per_engine == 0 or r.tensor_parallel_size != 1:
+        raise ConfigError(
+            "rollout.sync_method=cuda_ipc needs engines on a GPU (rollout.gpus_per_engine > 0) with "
+            "rollout.tensor_parallel_size=1, on trainer rank 0's GPU"
+        )
 
 
 def weight_device(cfg) -> str:

@@ -128,6 +128,7 @@ def check_prompts(cfg: Config, input_dir: Path, tokenizer) -> tuple[list[int], l
 
 
 def _batch_plan(cfg: Config) -> dict:
+    from eqrlhf.rollout.weight_sync import check_sync_method
     from eqrlhf.train.deepspeed_config import global_batch_pairs
 
     ppo, world = cfg.ppo, cfg.train.num_workers
@@ -142,13 +143,7 @@ def _batch_plan(cfg: Config) -> dict:
         raise ConfigError(
             f"model.max_length={cfg.model.max_length} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
         )
-    if cfg.rollout.sync_method == "cuda_ipc" and not (
-        cfg.train.use_gpu and cfg.rollout.gpus_per_engine > 0 and cfg.rollout.tensor_parallel_size == 1
-    ):
-        raise ConfigError(
-            "rollout.sync_method=cuda_ipc needs train.use_gpu=true and engines on trainer rank 0's GPU "
-            "(rollout.gpus_per_engine > 0, rollout.tensor_parallel_size=1); use object_store otherwise"
-        )
+    check_sync_method(cfg, trainer=True)
     return {
         "rollout_batch": rollout_batch,
         "global_batch": global_batch,
