@@ -29,11 +29,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 WORDS = "the model reads a long answer about safe cooking and careful travel in the quiet city".split()
 SHAPES = {  # random-init Llama shapes (SmolLM2-135M and a ~1.2B model), vocab of the SmolLM2 tokenizer
     "135m": dict(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
+    ),
+    # SmolLM2-135M's depth and head layout at 1/8 of its width: compute is negligible, so a step's time on
+    # any device is the host's per-operator cost (Python, dispatch, launches), the regime 135M is in on a GPU
+    "135m-narrow": dict(
+        hidden_size=72, intermediate_size=192, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
     ),
     "1b": dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
@@ -130,7 +136,7 @@ def run_ours(args, root: Path, model_dir: str) -> dict:
         "num_workers": 1,
         "use_gpu": args.device == "cuda",
         "cpus_per_worker": os.cpu_count() if args.device == "cpu" else 1,  # trl uses every core too
-        "zero_stage": args.zero_stage,
+        "zero_stage": args.zero_stage if args.zero_stage is not None else (1 if args.bf16 else 0),
         "bf16": args.bf16,
         "micro_batch_size": args.pairs_per_step // args.grad_accum,
         "grad_accum": args.grad_accum,
@@ -160,6 +166,7 @@ def run_trl(args, root: Path, model_dir: str) -> dict:
 
     import torch
     from datasets import Dataset
+    from op_count import OpCounter
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -178,8 +185,14 @@ def run_trl(args, root: Path, model_dir: str) -> dict:
     times: list[float] = []
     tokens: list[int] = []
 
+    counted = {}
+
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            # --count-ops: the last warm-up step (untimed) runs under the operator counter
+            self.counter = OpCounter() if args.count_ops and len(times) == args.warmup - 1 else None
+            if self.counter:
+                self.counter.__enter__()
             if cuda:
                 torch.cuda.synchronize()
             self.t0 = time.perf_counter()
@@ -188,6 +201,9 @@ def run_trl(args, root: Path, model_dir: str) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
+            if self.counter:
+                self.counter.__exit__(None, None, None)
+                counted.update(ops=self.counter.ops["all"], syncs=self.counter.syncs["all"])
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -224,6 +240,7 @@ def run_trl(args, root: Path, model_dir: str) -> dict:
         "step_s": sum(steady) / len(steady),
         "tokens_per_step": tokens_per_step,
         "peak_memory_gib": memory / 2**30,
+        **counted,
     }
 
 
@@ -254,13 +271,20 @@ def main() -> None:
         help="untimed first steps (with 2, trl's slow early steps were still timed on an H100)",
     )
     parser.add_argument("--reference", choices=["precomputed", "in_trainer"], default="precomputed")
-    parser.add_argument("--zero-stage", type=int, default=0)
+    parser.add_argument(
+        "--zero-stage", type=int, help="ours; default 1 with --bf16 (BF16_Optimizer, fp32 gradients), else 0"
+    )
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true", help="ours: train.compile (compiled layers and log-probs)")
     parser.add_argument(
         "--share-prompt", action="store_true", help="ours: train.share_prompt (each pair's prompt computed once)"
     )
     parser.add_argument("--trl-compile", action="store_true", help="also run trl with torch_compile=True")
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="trl: operators and host syncs of one step (ours: profile_dpo_step.py --count-ops)",
+    )
     parser.add_argument("--liger", action="store_true", help="trl: use_liger_kernel (needs liger-kernel, GPU)")
     parser.add_argument("--peak-tflops", type=float, default=787.0, help="matmul peak for MFU (H100 measured)")
     parser.add_argument("--side", choices=["ours", "trl", "trl_compiled"], help=argparse.SUPPRESS)
@@ -312,6 +336,9 @@ def compare(args, root: Path) -> None:
         )
     best = max((side for side in results if side != "ours"), key=lambda side: results[side]["tokens_per_s"])
     print(f"ratio ours/{best} (the faster trl): {results['ours']['tokens_per_s'] / results[best]['tokens_per_s']:.2f}x")
+    for side, r in results.items():
+        if "ops" in r:
+            print(f"{side}: one step dispatched {r['ops']} operators with {r['syncs']} host syncs")
 
 
 if __name__ == "__main__":

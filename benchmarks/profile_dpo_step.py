@@ -7,6 +7,10 @@ device time (or CPU time on CPU) of a profiled step.
 
     python benchmarks/profile_dpo_step.py --device cuda --shape 1b
     python benchmarks/profile_dpo_step.py --device cuda --shape 135m --set train.logprob_chunk_size=null
+    python benchmarks/profile_dpo_step.py --shape 135m-narrow --pairs 2 --prompt-tokens 4 --response-tokens 4 \
+        --rows 0 --count-ops --set train.bf16=true --set train.zero_stage=0   # what a step dispatches
+
+On GPU the engine is bf16 at ZeRO-1 (DeepSpeed's BF16_Optimizer, see deepspeed_config.py); on CPU fp32 ZeRO-0.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25, help="operators in the profile table (0: timing only)")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. train.zero_stage=2")
     parser.add_argument("--phases", action="store_true", help="host ms per step in forward, backward and step")
+    parser.add_argument("--count-ops", action="store_true", help="operators and host syncs per phase of a step")
     args = parser.parse_args()
 
     import deepspeed
@@ -76,7 +81,13 @@ def main() -> None:
         "run": {"name": "profile", "output_dir": str(root), "seed": 0},
         "model": {"name_or_path": str(root / "model"), "max_length": 4096},
         "algorithm": {"loss": "dpo", "beta": 0.1, "reference": "precomputed"},
-        "train": {"use_gpu": cuda, "bf16": cuda, "zero_stage": 0, "micro_batch_size": args.pairs, "lr": 1e-6},
+        "train": {
+            "use_gpu": cuda,
+            "bf16": cuda,
+            "zero_stage": 1 if cuda else 0,
+            "micro_batch_size": args.pairs,
+            "lr": 1e-6,
+        },
     }
     for item in args.set:
         apply_override(tree, item)
@@ -108,6 +119,8 @@ def main() -> None:
     )
     if args.phases:  # host time per phase of the step, without the profiler's per-op overhead
         phase_times(engine, step, cuda, args.steps)
+    if args.count_ops:
+        count_ops(engine, step)
     if args.rows == 0:
         return
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -119,6 +132,36 @@ def main() -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
 
 
+class Phases:
+    """Wraps the engine's forward, backward and step so that a step's work can be charged to each phase."""
+
+    NAMES = ("forward", "backward", "step")
+
+    def __init__(self, engine):
+        self.engine, self.current, self.seconds = engine, "other", dict.fromkeys(self.NAMES, 0.0)
+
+    def __enter__(self):
+        self.originals = {name: getattr(self.engine, name) for name in self.NAMES}
+        for name, call in self.originals.items():
+            setattr(self.engine, name, self._timed(name, call))
+        return self
+
+    def __exit__(self, *exc):
+        for name, call in self.originals.items():
+            setattr(self.engine, name, call)
+
+    def _timed(self, name, call):
+        def wrapper(*args, **kwargs):
+            started, self.current = time.perf_counter(), name
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - started
+                self.current = "other"
+
+        return wrapper
+
+
 def phase_times(engine, step, cuda: bool, steps: int) -> None:
     """Host milliseconds per step spent inside DeepSpeed's forward, backward and step calls, and the rest.
 
@@ -127,34 +170,31 @@ def phase_times(engine, step, cuda: bool, steps: int) -> None:
     """
     import torch
 
-    spent = {"forward": 0.0, "backward": 0.0, "step": 0.0}
-
-    def timed(name, call):
-        def wrapper(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return call(*args, **kwargs)
-            finally:
-                spent[name] += time.perf_counter() - started
-
-        return wrapper
-
-    originals = {name: getattr(engine, name) for name in spent}
-    for name, call in originals.items():
-        setattr(engine, name, timed(name, call))
-    if cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    if cuda:
-        torch.cuda.synchronize()
-    total = (time.perf_counter() - started) / steps * 1e3
-    for name, call in originals.items():
-        setattr(engine, name, call)
-    shown = ", ".join(f"{name} {seconds / steps * 1e3:.1f}" for name, seconds in spent.items())
-    rest = total - sum(spent.values()) / steps * 1e3
+    with Phases(engine) as phases:
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        if cuda:
+            torch.cuda.synchronize()
+        total = (time.perf_counter() - started) / steps * 1e3
+    shown = ", ".join(f"{name} {seconds / steps * 1e3:.1f}" for name, seconds in phases.seconds.items())
+    rest = total - sum(phases.seconds.values()) / steps * 1e3
     print(f"host ms per step: {shown}, everything else {rest:.1f} (wall {total:.1f} ms/step)")
+
+
+def count_ops(engine, step) -> None:
+    """Operators and host syncs per phase of one step (``op_count.py``; a GPU run would use DeepSpeed's
+    FusedAdam where a CPU run uses torch's AdamW, which only changes the step phase at ZeRO-0)."""
+    from op_count import OpCounter
+
+    with Phases(engine) as phases, OpCounter(lambda: phases.current) as counter:
+        step(0)
+    total = sum(counter.ops.values())
+    print(f"one step: {total} operators, {sum(counter.syncs.values())} host syncs")
+    for line in counter.lines((*Phases.NAMES, "other")):
+        print("  " + line)
 
 
 if __name__ == "__main__":

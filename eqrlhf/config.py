@@ -191,6 +191,8 @@ class TrainSection(Section):
     cpus_per_worker: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload: bool = False
+    # bf16 weights and activations, fp32 master weights. At zero_stage 1 gradients also accumulate in fp32
+    # (DeepSpeed's BF16_Optimizer), which is the lightest step on one GPU; ZeRO-0 accumulates in bf16.
     bf16: bool = False
     micro_batch_size: int = 1
     grad_accum: int = 1

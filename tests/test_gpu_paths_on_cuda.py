@@ -9,7 +9,8 @@ installed). Each test prints what it measured.
   buckets device to device, against the object-store path on the same weights.
 * PPO on one GPU through Ray Train: an NCCL process group, DeepSpeed ZeRO-2 in bf16, the trainer (half
   the GPU) and the engine (a quarter) colocated, weights synced by CUDA IPC after every iteration.
-* DPO through Ray Train under ZeRO-3 in bf16 (DeepSpeed's partitioned CUDA path).
+* DPO through Ray Train in bf16 under ZeRO-1 (DeepSpeed's BF16_Optimizer) and ZeRO-3 (its partitioned
+  CUDA path).
 """
 
 from __future__ import annotations
@@ -124,15 +125,17 @@ def test_ppo_on_one_gpu_with_a_colocated_engine_and_cuda_ipc(model_dir, tmp_path
     assert max_change(weights(model_dir), weights(out / "train" / "final")) > 0
 
 
-def test_dpo_under_zero3_on_gpu(model_dir, tmp_path):
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_dpo_in_bf16_on_gpu(model_dir, tmp_path, zero_stage):
+    """ZeRO-1: DeepSpeed's BF16_Optimizer (fp32 gradient buffers); ZeRO-3: its partitioned CUDA path."""
     from eqrlhf.train import run_train
 
     pairs = write_stage(tmp_path / "pairs", rows_to_table(pair_rows()))
-    cfg = train_config(tmp_path / "dpo", model_dir, input=str(pairs), use_gpu=True, bf16=True, zero_stage=3,
-                       max_steps=8, lr=1e-4)  # fmt: skip
+    cfg = train_config(tmp_path / "dpo", model_dir, input=str(pairs), use_gpu=True, bf16=True,
+                       zero_stage=zero_stage, max_steps=8, lr=1e-4)  # fmt: skip
     run_train(cfg)
     lines = metric_lines(tmp_path / "dpo")
-    print(f"\nDPO ZeRO-3 bf16: loss {lines[0]['loss']:.4f} -> {lines[-1]['loss']:.4f}, "
+    print(f"\nDPO ZeRO-{zero_stage} bf16: loss {lines[0]['loss']:.4f} -> {lines[-1]['loss']:.4f}, "
           f"{lines[-1]['throughput/tokens_per_s']:.0f} tokens/s")  # fmt: skip
     assert lines[-1]["loss"] < lines[0]["loss"]
     assert max_change(weights(model_dir), weights(tmp_path / "dpo" / "train" / "final")) > 0

@@ -22,7 +22,7 @@ from eqrlhf.data.tokenize import encode_pair
 from eqrlhf.manifest import StageWriter
 from eqrlhf.train import TrainInputError, prepare_train, run_train
 from eqrlhf.train.batching import collate, step_rows, worker_micro_batches
-from eqrlhf.train.deepspeed_config import lr_factor
+from eqrlhf.train.deepspeed_config import build_ds_config, lr_factor
 from eqrlhf.train.loop import StepSpec, loss_scales, micro_loss, prepare_batch
 
 PAIRS = 16
@@ -153,6 +153,16 @@ def test_lr_schedule_by_hand():
     assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
     assert lr_factor(9, 10, 0, "linear") == pytest.approx(0.1)
     assert lr_factor(7, 10, 2, "constant") == 1.0
+
+
+def test_bf16_at_zero1_selects_fp32_gradient_accumulation():
+    """Only bf16 at ZeRO-1 asks DeepSpeed for fp32 gradients (its BF16_Optimizer); the run itself is in
+    test_train_resume_on_cpu.py. DeepSpeed 0.19 rejects fp32 gradients with bf16 weights at ZeRO-0."""
+    from eqrlhf.config import TrainSection
+
+    assert build_ds_config(TrainSection(bf16=True, zero_stage=1), 2)["data_types"] == {"grad_accum_dtype": "fp32"}
+    for settings in ({"bf16": True, "zero_stage": 0}, {"bf16": True, "zero_stage": 2}, {"zero_stage": 1}):
+        assert "data_types" not in build_ds_config(TrainSection(**settings), 2)
 
 
 def test_one_worker_two_micro_batches_read_what_two_workers_read():

@@ -110,3 +110,23 @@ def test_killed_worker_recovers_from_last_checkpoint_under_zero3(reference, setu
     assert zero3.keys() == zero2.keys()
     for name in zero2:
         torch.testing.assert_close(zero3[name], zero2[name], rtol=0, atol=1e-4)
+
+
+def test_bf16_zero1_accumulates_in_fp32_and_resumes_exactly(reference, setup):
+    """bf16 at ZeRO-1 runs DeepSpeed's BF16_Optimizer (fp32 gradient buffers, one global-norm check):
+    2 workers follow the fp32 reference within bf16 rounding, and a resume from step_3 repeats steps 4-6."""
+    _, _, fp32 = reference
+    bf16 = config(setup, "bf16", zero_stage=1, bf16=True)
+    run_train(bf16)
+    trajectory = losses(bf16.run.dir)
+    assert sorted(trajectory) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert trajectory[step] == pytest.approx(fp32[step], abs=0.02)
+    assert trajectory[6] < trajectory[3] < trajectory[1]
+    step3 = bf16.run.dir / "train" / "checkpoints" / "step_3"
+    resumed = config(setup, "bf16_resumed", zero_stage=1, bf16=True, resume_from=str(step3))
+    run_train(resumed)
+    after = losses(resumed.run.dir)
+    assert sorted(after) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(trajectory[step], abs=1e-6)
