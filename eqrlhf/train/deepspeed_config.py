@@ -50,9 +50,9 @@ def build_ds_config(train: TrainSection, world_size: int) -> dict:
     }
     if train.bf16 and train.zero_stage == 1:
         # DeepSpeed's BF16_Optimizer: gradients accumulate in fp32 flat buffers, and a NaN/inf shows in the one
-        # global norm. The step dispatches ~600 operators with 3 host syncs at the 135M shape, against ~4,100
-        # (ZeRO-1/2 optimizer) or ~7,300 with a sync per gradient tensor (ZeRO-0's fp16-style wrapper):
-        # `benchmarks/profile_dpo_step.py --count-ops`. On a small model the GPU waits on the host for those.
+        # global norm. Its step dispatches ~600 operators with 3 host syncs at the 135M shape, against ~4,100
+        # at ZeRO-2 and ~7,300 with a sync per gradient tensor at ZeRO-0 (DeepSpeed's fp16-style wrapper;
+        # `benchmarks/profile_dpo_step.py --count-ops`, on CPU). On a small model the GPU waits on the host.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 
