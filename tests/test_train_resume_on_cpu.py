@@ -8,6 +8,7 @@ and compare their loss trajectories against it.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -130,3 +131,24 @@ def test_bf16_zero1_accumulates_in_fp32_and_resumes_exactly(reference, setup):
     assert sorted(after) == [4, 5, 6]
     for step in (4, 5, 6):
         assert after[step] == pytest.approx(trajectory[step], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("EQRLHF_SLOW"), reason="builds DeepSpeed's CPU Adam op (~2 min on 2 cores): EQRLHF_SLOW=1"
+)
+def test_zero2_with_optimizer_offload_follows_the_reference(reference, setup):
+    """train.offload: ZeRO-2 keeps the fp32 optimizer state on the host and steps it with DeepSpeed's CPU
+    Adam op (JIT-built on first use); 2 workers follow the in-memory ZeRO-2 run and a resume repeats it."""
+    _, _, trajectory = reference
+    offload = config(setup, "offload", offload=True)
+    run_train(offload)
+    mine = losses(offload.run.dir)
+    for step in range(1, 7):
+        assert mine[step] == pytest.approx(trajectory[step], abs=1e-5)
+    step3 = offload.run.dir / "train" / "checkpoints" / "step_3"
+    resumed = config(setup, "offload_resumed", offload=True, resume_from=str(step3))
+    run_train(resumed)
+    after = losses(resumed.run.dir)
+    for step in (4, 5, 6):
+        assert after[step] == pytest.approx(mine[step], abs=1e-6)
