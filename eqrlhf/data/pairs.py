@@ -14,6 +14,7 @@ is a needless refusal, unhelpful but harmless).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 
@@ -52,9 +53,16 @@ DEFAULT_POLICY = {
     "IHD": {"chosen": _DECLINE_AND_HELP, "rejected": _COMPLY},
     "none": {"chosen": _HELPFUL, "rejected": _NEEDLESS_REFUSAL},
 }
-# generator output = rows + why a row failed + how many generated sides hit max_new_tokens
+# generator output = rows + why a row failed + how many generated sides hit max_new_tokens + why the judges
+# dropped it (pairs.judge)
 GENERATED_SCHEMA = pa.schema(
-    [*ROW_SCHEMA, ("error_field", pa.string()), ("error_reason", pa.string()), ("truncated_sides", pa.int64())]
+    [
+        *ROW_SCHEMA,
+        ("error_field", pa.string()),
+        ("error_reason", pa.string()),
+        ("truncated_sides", pa.int64()),
+        ("filter_reason", pa.string()),
+    ]
 )
 
 
@@ -91,39 +99,46 @@ def with_flags(row: dict) -> dict:
     return row
 
 
-def missing_mask(table: pa.Table) -> pa.Array:
-    """True for rows lacking a usable chosen or rejected text (null or blank)."""
+def missing_mask(table: pa.Table, sides: tuple[str, ...] = SIDES) -> pa.Array:
+    """True for rows lacking a usable text (null or blank) on one of ``sides``."""
 
     def blank(name: str):
         col = table.column(name)
         return pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))
 
-    return pc.fill_null(pc.or_kleene(blank("chosen"), blank("rejected")), True)
+    mask = blank(sides[0])
+    for side in sides[1:]:
+        mask = pc.or_kleene(mask, blank(side))
+    return pc.fill_null(mask, True)
 
 
 def _is_blank(text: str | None) -> bool:
     return text is None or not text.strip()
 
 
-def pair_conversations(row: dict, policy: dict[str, dict[str, str]]) -> list[tuple[str, list[dict]]]:
-    """(side, conversation) for each side the row lacks: policy instruction, history, prompt."""
-    history = json.loads(row.get("history") or "[]")
+def user_turns(row: dict) -> list[dict]:
+    """The conversation up to the prompt: history, then the user turn."""
+    return [*json.loads(row.get("history") or "[]"), {"role": "user", "content": row["prompt"]}]
+
+
+def pair_conversations(
+    row: dict, policy: dict[str, dict[str, str]], sides: tuple[str, ...] = SIDES
+) -> list[tuple[str, list[dict]]]:
+    """(side, conversation) for each of ``sides`` the row lacks: policy instruction, history, prompt."""
     return [
         (
             side,
-            [
-                {"role": "system", "content": policy[row["category"]][side]},
-                *history,
-                {"role": "user", "content": row["prompt"]},
-            ],
+            [{"role": "system", "content": policy[row["category"]][side]}, *user_turns(row)],
         )
-        for side in SIDES
+        for side in sides
         if _is_blank(row.get(side))
     ]
 
 
-def fill_missing(rows: list[dict], engine, policy: dict[str, dict[str, str]], sampling: Sampling) -> list[dict]:
-    """Generate the missing sides of ``rows`` in one engine call; rows come back with error columns."""
+def fill_missing(
+    rows: list[dict], engine, policy: dict[str, dict[str, str]], sampling: Sampling, sides: tuple[str, ...] = SIDES
+) -> list[dict]:
+    """Generate the missing ``sides`` of ``rows`` in one engine call; rows come back with error columns."""
     requests, owners, out = [], [], []
     for k, row in enumerate(rows):
         row = {**row, "error_field": None, "error_reason": None, "truncated_sides": 0}
@@ -134,7 +149,7 @@ def fill_missing(rows: list[dict], engine, policy: dict[str, dict[str, str]], sa
                 f"no response policy for category {row.get('category')!r}",
             )
             continue
-        for side, conversation in pair_conversations(row, policy):
+        for side, conversation in pair_conversations(row, policy, sides):
             requests.append(conversation)
             owners.append((k, side))
     completions = engine.generate(requests, sampling) if requests else []
@@ -171,6 +186,63 @@ class PairGenerator:
         return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
 
 
+def judged_rows(
+    rows: list[dict], engine, judge, policy: dict, sampling: Sampling, pairs, chosen_engine=None
+) -> list[dict]:
+    """Every row through the judged path (eqrlhf.data.onpolicy): a missing chosen side written under the
+    policy instruction (by ``chosen_engine`` when given), the rejected side sampled on-policy
+    (``pairs.rejected=on_policy``), both judged (``pairs.judge``)."""
+    from eqrlhf.data.onpolicy import apply_judgement, pick_rejected
+
+    on_policy = pairs.rejected == "on_policy"
+    rows = fill_missing(rows, chosen_engine or engine, policy, sampling, sides=("chosen",) if on_policy else SIDES)
+    for row in rows:
+        row.setdefault("filter_reason", None)
+
+    def usable(row: dict) -> bool:
+        return row["error_reason"] is None and row["filter_reason"] is None
+
+    live = [r for r in rows if usable(r)]
+    if on_policy and live:
+        draw = dataclasses.replace(sampling, n=pairs.samples, temperature=pairs.sample_temperature)
+        samples = engine.generate([user_turns(r) for r in live], draw)
+        texts = [c.text for c in samples]
+        refused = judge.refused([r["prompt"] for r in live for _ in range(draw.n)], texts)
+        for k, row in enumerate(live):
+            span = slice(k * draw.n, (k + 1) * draw.n)
+            pick_rejected(row, texts[span], list(refused[span]))
+        live = [r for r in live if usable(r)]
+    if pairs.judge and live:
+        prompts = [r["prompt"] for r in live for _ in SIDES]
+        verdicts = judge.refused(prompts, [r[side] for r in live for side in SIDES])
+        for k, row in enumerate(live):
+            apply_judgement(row, bool(verdicts[2 * k]), bool(verdicts[2 * k + 1]))
+    return [with_flags(row) for row in rows]
+
+
+class JudgedPairBuilder:
+    """Ray Data callable class for the judged path: one engine and one refusal judge per actor."""
+
+    def __init__(self, cfg_tree: dict):
+        from eqrlhf.config import from_dict
+        from eqrlhf.evaluate.judges import refusal_judge_for
+        from eqrlhf.rollout import make_engine
+
+        cfg = from_dict(cfg_tree)
+        self.pairs = cfg.pairs
+        self.engine = make_engine(cfg)
+        self.chosen_engine = make_engine(cfg, cfg.pairs.chosen_model) if cfg.pairs.chosen_model else None
+        self.judge, _ = refusal_judge_for(cfg)  # fitted and validated by the driver before the stage
+        self.policy = response_policy(cfg)
+        self.sampling = pair_sampling(cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = judged_rows(
+            batch.to_pylist(), self.engine, self.judge, self.policy, self.sampling, self.pairs, self.chosen_engine
+        )
+        return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
+
+
 def _only_missing(batch: pa.Table) -> pa.Table:
     return batch.filter(missing_mask(batch))
 
@@ -179,13 +251,13 @@ def _shards(in_dir):
     return sorted(rows_path(in_dir).glob("*.parquet"))
 
 
-def scan_missing(in_dir, batch_rows: int) -> tuple[int, int, str | None]:
-    """(rows, rows without a pair, id of the first such row): reads only the columns it needs."""
+def scan_missing(in_dir, batch_rows: int, sides: tuple[str, ...] = SIDES) -> tuple[int, int, str | None]:
+    """(rows, rows lacking one of ``sides``, id of the first such row): reads only the columns it needs."""
     rows, missing, first = 0, 0, None
     for shard in _shards(in_dir):
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows, columns=["id", *SIDES]):
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows, columns=["id", *sides]):
             table = pa.Table.from_batches([batch])
-            mask = missing_mask(table)
+            mask = missing_mask(table, sides)
             rows += table.num_rows
             missing += pc.sum(mask).as_py() or 0
             if first is None and pc.any(mask).as_py():
@@ -206,9 +278,9 @@ def write_passthrough(writer: StageWriter, in_dir, batch_rows: int) -> int:
     return written
 
 
-def generate_missing(cfg, writer: StageWriter, in_dir, missing: int) -> dict:
-    """Run the generator over the ``missing`` rows without a pair as a Ray Data stage; stream results
-    into ``writer``."""
+def generate_missing(cfg, writer: StageWriter, in_dir, missing: int, judged: bool = False) -> dict:
+    """Run the generator over the ``missing`` rows without a pair (every row when ``judged``) as a Ray Data
+    stage; stream results into ``writer``."""
     import ray
 
     from eqrlhf.ray_utils import blocks_for_actor_pool, init_ray
@@ -216,10 +288,11 @@ def generate_missing(cfg, writer: StageWriter, in_dir, missing: int) -> dict:
     init_ray()
     gen = cfg.generation
     ds = ray.data.read_parquet([str(p) for p in _shards(in_dir)])
-    ds = ds.map_batches(_only_missing, batch_format="pyarrow")
+    if not judged:
+        ds = ds.map_batches(_only_missing, batch_format="pyarrow")
     ds = ds.repartition(num_blocks=blocks_for_actor_pool(missing, gen.batch_size))
     ds = ds.map_batches(
-        PairGenerator,
+        JudgedPairBuilder if judged else PairGenerator,
         fn_constructor_kwargs={"cfg_tree": cfg.model_dump(mode="json")},
         compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
         batch_size=gen.batch_size,
@@ -227,6 +300,8 @@ def generate_missing(cfg, writer: StageWriter, in_dir, missing: int) -> dict:
         num_gpus=gen.num_gpus or None,
     )
     stats = {"generated_rows": 0, "truncated_responses": 0}
+    if judged:
+        stats["judged"] = {}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         write_generated(writer, batch, stats)
     return stats
@@ -239,6 +314,14 @@ def write_generated(writer: StageWriter, batch: pa.Table, stats: dict) -> None:
     errors = errors.rename_columns(["id", "source", "file", "line", "field", "reason"])
     writer.write_errors(errors.to_pylist())
     good = batch.filter(pc.invert(failed))
+    if "judged" in stats:  # the judged path: on-policy yield and judged labels per category
+        from eqrlhf.data.onpolicy import add_judged_counts
+
+        add_judged_counts(stats["judged"], good.select(["category", "meta"]).to_pylist())
+    dropped = pc.is_valid(good.column("filter_reason"))
+    for item in pc.value_counts(good.filter(dropped).column("filter_reason")).to_pylist():
+        writer.filter(item["values"], item["counts"])
+    good = good.filter(pc.invert(dropped))
     stats["generated_rows"] += good.num_rows
     stats["truncated_responses"] += pc.sum(good.column("truncated_sides")).as_py() or 0
     writer.write_rows(good.select(ROW_SCHEMA.names).cast(ROW_SCHEMA))
@@ -247,12 +330,16 @@ def write_generated(writer: StageWriter, batch: pa.Table, stats: dict) -> None:
 def run_pairs(cfg) -> dict:
     """Build ``<run>/pairs`` from ``<run>/mixture``; return the manifest."""
     policy = response_policy(cfg)  # config errors before any I/O or Ray work
-    if cfg.pairs.missing == "generate":
+    judged = cfg.pairs.rejected == "on_policy" or cfg.pairs.judge
+    if cfg.pairs.missing == "generate" or judged:
         check_engine(cfg)
+    judges = judge_validation(cfg) if judged else None  # fits the refusal head once, here, not in each actor
     in_dir = cfg.stage_dir(cfg.pairs.input, "mixture")
     batch_rows = cfg.data.rows_per_block
     total, missing, first_missing = scan_missing(in_dir, batch_rows)
     mode = cfg.pairs.missing
+    if cfg.pairs.rejected == "on_policy" and mode == "error":  # only the chosen side must exist
+        missing, first_missing = scan_missing(in_dir, batch_rows, sides=("chosen",))[1:]
     if mode == "error" and missing:
         raise ValueError(
             f"row {first_missing} in {in_dir} has no chosen/rejected pair ({missing} of {total} rows lack "
@@ -260,11 +347,15 @@ def run_pairs(cfg) -> dict:
         )
     writer = StageWriter(cfg.stage_dir(cfg.pairs.output, "pairs"), "pairs", cfg.hash())
     writer.count_read(total)
-    passthrough = write_passthrough(writer, in_dir, batch_rows)
     stats = {"generated_rows": 0, "truncated_responses": 0}
-    if missing and mode == "skip":
+    passthrough = 0
+    if judged:  # every row is sampled and/or judged
+        stats = generate_missing(cfg, writer, in_dir, total, judged=True)
+    else:
+        passthrough = write_passthrough(writer, in_dir, batch_rows)
+    if missing and mode == "skip" and not judged:
         writer.filter("no pair", missing)
-    elif missing:
+    elif missing and not judged:
         stats = generate_missing(cfg, writer, in_dir, missing)
     sampling = pair_sampling(cfg)
     manifest = writer.close(
@@ -273,13 +364,18 @@ def run_pairs(cfg) -> dict:
             "passthrough": passthrough,
             "missing": missing,
             **stats,
+            "judges": judges,
             "generator": None
-            if mode != "generate"
+            if mode != "generate" and not judged
             else {
                 "engine": cfg.generation.engine,
                 "model": cfg.model.name_or_path,
                 "sampling": asdict(sampling),
                 "policy": policy,
+                "chosen_model": cfg.pairs.chosen_model,
+                "rejected": cfg.pairs.rejected,
+                "samples": cfg.pairs.samples if cfg.pairs.rejected == "on_policy" else None,
+                "sample_temperature": cfg.pairs.sample_temperature if cfg.pairs.rejected == "on_policy" else None,
             },
         }
     )
@@ -288,4 +384,16 @@ def run_pairs(cfg) -> dict:
         f"pairs: read {total}, passed through {passthrough}, generated {stats['generated_rows']}, "
         f"failed {sum(manifest['failed'].values())}, skipped {manifest['filtered'].get('no pair', 0)} -> {writer.dir}"
     )
+    if judged:
+        from eqrlhf.data.onpolicy import print_judged
+
+        print_judged(manifest)
     return manifest
+
+
+def judge_validation(cfg) -> dict:
+    """The refusal judge's accuracy on held-out human labels (fits the embedding head on first use)."""
+    from eqrlhf.evaluate.judges import refusal_judge_for
+
+    _, validation = refusal_judge_for(cfg)
+    return {"refusal_judge": cfg.eval.refusal_judge, "refusal": validation.get("refusal")}

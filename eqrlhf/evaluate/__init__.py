@@ -81,8 +81,8 @@ def check_evaluation(cfg: Config, model_path: str) -> dict:
     if (ev.harm_judge_model or ev.cost_model) and missing["harm"]:
         kind = "LLM" if ev.harm_judge_model else "cost-model"
         raise FileNotFoundError(f"{missing['harm']}: the {kind} harm judge is validated on it before use")
-    training_dirs(cfg)  # a wrong eval.training_data entry fails here, before any model loads
-    return {"paths": paths, "plans": plans}
+    # a wrong eval.training_data entry fails here, before any model loads
+    return {"paths": paths, "plans": plans, "training": training_dirs(cfg)}
 
 
 def run_evaluate(cfg: Config) -> dict:
@@ -114,9 +114,10 @@ def evaluate_model(cfg: Config, model_path: str | None = None, tag: str | None =
     """
     from eqrlhf.evaluate.helpfulness import helpfulness_numbers
     from eqrlhf.evaluate.judges import Judges, refusal_judge_for, score_completions
+    from eqrlhf.evaluate.leakage import LeakageCheck, fail_on_leaks
     from eqrlhf.evaluate.metrics import rate, summarize
     from eqrlhf.evaluate.report import summary_line, write_outputs
-    from eqrlhf.evaluate.suites import load_suites, training_overlap
+    from eqrlhf.evaluate.suites import load_suites
     from eqrlhf.rollout import Sampling
 
     started = time.time()
@@ -127,7 +128,12 @@ def evaluate_model(cfg: Config, model_path: str | None = None, tag: str | None =
     checked = check_evaluation(cfg, model_path)
     paths = checked["paths"]
     out_dir = cfg.stage_dir(cfg.eval.output, "eval") / tag
-    suites = load_suites(cfg, checked["plans"])
+    ev = cfg.eval
+    leakage = LeakageCheck.of_stages(checked["training"], ev.near_duplicate_threshold, ev.embedding_model)
+    suites = load_suites(cfg, checked["plans"], leakage if checked["training"] else None)
+    leaked = {s.name: s.leaked for s in suites if s.leaked}
+    if ev.leakage == "fail":
+        fail_on_leaks(leaked, leakage)  # before any model is loaded
     rows = [r for s in suites for r in s.rows]
     refusal_judge, validation = refusal_judge_for(cfg)
 
@@ -150,7 +156,7 @@ def evaluate_model(cfg: Config, model_path: str | None = None, tag: str | None =
         "harm": harm_info,
     }
     doc = eval_document(cfg, tag, model_path, paths, suites, summarize(scored), helpfulness, judges)
-    doc["training_overlap"] = training_overlap(suites, training_dirs(cfg))
+    doc["training_overlap"] = leakage.summary(suites, leaked, ev.leakage)
     doc["sampling"] = dataclasses.asdict(sampling)
     doc["out_dir"] = str(out_dir)
     doc["seconds"] = round(time.time() - started, 1)
@@ -271,6 +277,8 @@ def flat_summary(headline: dict, metrics: dict, helpfulness: dict, judges: dict)
     return {
         "harmful_compliance": headline["harmful_compliance"]["rate"],
         "over_refusal": headline["over_refusal"]["rate"],
+        # refusals of ordinary requests with reference answers (helpful suites): over-safety beyond look-alikes
+        "helpful_refusal": by_kind["helpful"]["refusal"]["rate"] if "helpful" in by_kind else None,
         "likelihood_retention": headline["likelihood_retention"]["mean"],
         "reward": (helpfulness.get("reward") or {}).get("mean"),
         "refusal_judge_accuracy": refusal.get("accuracy"),

@@ -271,8 +271,13 @@ def _overlap_line(overlap: dict | None) -> str:
     if not overlap or not overlap["checked"]:
         return "Training data overlap: not checked (no eval.training_data and no pairs in this run)."
     where = ", ".join(f"`{d}`" for d in overlap["checked"])
-    found = f"**{overlap['total']}** (first ids: {overlap['examples']})" if overlap["total"] else "0"
-    return f"Evaluation prompts also in the training data ({overlap['training_prompts']} prompts in {where}): {found}."
+    ids = [e["id"] if isinstance(e, dict) else e for e in overlap["examples"]]
+    found = f"**{overlap['total']}** (first ids: {ids})" if overlap["total"] else "0"
+    rule = f"cosine >= {overlap['threshold']} or equal, {overlap['mode']}" if "threshold" in overlap else "equal"
+    return (
+        f"Evaluation prompts that are near-duplicates of training prompts ({rule}; {overlap['training_prompts']} "
+        f"prompts in {where}): {found}."
+    )
 
 
 def markdown_report(doc: dict, docs: list[dict]) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -22,6 +21,9 @@ from eqrlhf.data.mix import sample_key
 from eqrlhf.data.readers import SourceError, format_error
 from eqrlhf.data.schema import ROW_SCHEMA
 from eqrlhf.data.sources import limits_of, plan_source, source_rows
+from eqrlhf.evaluate.leakage import LEAKED, normalized_prompt
+
+__all__ = ["KINDS", "UNMAPPED", "Suite", "load_suites", "normalized_prompt", "validate_suites"]
 
 UNMAPPED = "unmapped"  # category bucket of prompts the categorizer could not place
 KINDS = ("harmful", "benign", "helpful")
@@ -35,6 +37,7 @@ class Suite:
     rows: list[dict]  # ROW_SCHEMA dicts plus "suite", "kind" and "category_error"
     counts: dict = field(default_factory=dict)  # read, errors, skipped by reason, sampled out, evaluated
     errors: list[str] = field(default_factory=list)  # "file:line: [source] field 'x': reason"
+    leaked: list = field(default_factory=list)  # (row id, leakage.Match) of near-duplicates of training prompts
 
 
 def suite_limit(suite: EvalSuiteSection, cfg: Config) -> int | None:
@@ -86,8 +89,10 @@ def seeded_sample(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
     return [r for r in rows if r["id"] in keep]
 
 
-def read_suite(suite: EvalSuiteSection, plans: list, cfg: Config) -> Suite:
-    """All rows of one suite's sources, kind-filtered and sampled; adapter errors listed, not dropped."""
+def read_suite(suite: EvalSuiteSection, plans: list, cfg: Config, leakage=None) -> Suite:
+    """All rows of one suite's sources, kind-filtered and sampled; adapter errors listed, not dropped.
+    With a ``leakage`` check (eqrlhf.evaluate.leakage), near-duplicates of training prompts are dropped before
+    sampling (``eval.leakage=drop``) or found among the sampled rows (``fail``, ``report``)."""
     rows, errors, skipped, read = [], [], {}, 0
     for plan in plans:
         for row in source_rows(plan, limits_of(cfg), cfg.data.rows_per_block):
@@ -112,7 +117,17 @@ def read_suite(suite: EvalSuiteSection, plans: list, cfg: Config) -> Suite:
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"eval suite '{suite.name}': row id '{dup}' occurs twice (give each source its own name)")
+    leaked = []
+    if leakage is not None and cfg.eval.leakage == "drop":
+        found = leakage.matches([r["prompt"] for r in rows])
+        leaked = [(r["id"], m) for r, m in zip(rows, found) if m is not None]
+        if leaked:
+            skipped[LEAKED] = len(leaked)
+            rows = [r for r, m in zip(rows, found) if m is None]
     sampled = seeded_sample(rows, suite_limit(suite, cfg), cfg.run.seed)
+    if leakage is not None and cfg.eval.leakage != "drop":
+        found = leakage.matches([r["prompt"] for r in sampled])
+        leaked = [(r["id"], m) for r, m in zip(sampled, found) if m is not None]
     if not sampled:
         raise ValueError(f"eval suite '{suite.name}': no {suite.kind} prompts left (skipped: {skipped or 'none'})")
     counts = {
@@ -122,7 +137,7 @@ def read_suite(suite: EvalSuiteSection, plans: list, cfg: Config) -> Suite:
         "sampled_out": len(rows) - len(sampled),
         "evaluated": len(sampled),
     }
-    return Suite(suite.name, suite.kind, sampled, counts, errors)
+    return Suite(suite.name, suite.kind, sampled, counts, errors, leaked)
 
 
 def categorize_rows(rows: list[dict], cfg: Config) -> list[dict]:
@@ -156,42 +171,16 @@ def categorize_rows(rows: list[dict], cfg: Config) -> list[dict]:
     ]
 
 
-def load_suites(cfg: Config, plans: list | None = None) -> list[Suite]:
-    """Every configured suite, read, filtered, sampled and categorized (no model is loaded here
-    unless ``categorize.method`` needs one)."""
+def load_suites(cfg: Config, plans: list | None = None, leakage=None) -> list[Suite]:
+    """Every configured suite, read, filtered, checked for leakage, sampled and categorized (no model is
+    loaded here unless ``categorize.method`` needs one)."""
     plans = plans if plans is not None else validate_suites(cfg)
     suites = []
     for suite in cfg.eval.suites:
-        suites.append(read_suite(suite, [p for s, p in plans if s is suite], cfg))
+        suites.append(read_suite(suite, [p for s, p in plans if s is suite], cfg, leakage))
     rows = categorize_rows([r for s in suites for r in s.rows], cfg)
     start = 0
     for suite in suites:
         suite.rows, start = rows[start : start + len(suite.rows)], start + len(suite.rows)
         suite.counts["unmapped_category"] = sum(r["category"] == UNMAPPED for r in suite.rows)
     return suites
-
-
-def normalized_prompt(text: str) -> str:
-    """Case and whitespace folded, so a copy with different spacing still counts as the same prompt."""
-    return " ".join(text.lower().split())
-
-
-def training_overlap(suites: list[Suite], training_dirs: list[Path]) -> dict:
-    """Evaluation prompts that also occur as a training prompt in any of ``training_dirs`` (stage dirs).
-
-    Evaluating on training prompts would flatter a model, so the count is reported next to every evaluation
-    (and is expected to be 0). Only the final user turn is compared: the evaluation prompts are single turns.
-    """
-    from eqrlhf.manifest import read_rows
-
-    seen: set[str] = set()
-    for stage_dir in training_dirs:
-        seen.update(normalized_prompt(p) for p in read_rows(stage_dir).column("prompt").to_pylist() if p)
-    by_suite = {s.name: [r["id"] for r in s.rows if normalized_prompt(r["prompt"]) in seen] for s in suites}
-    return {
-        "checked": [str(d) for d in training_dirs],
-        "training_prompts": len(seen),
-        "total": sum(len(ids) for ids in by_suite.values()),
-        "by_suite": {name: len(ids) for name, ids in by_suite.items()},
-        "examples": [i for ids in by_suite.values() for i in ids][:10],
-    }

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The efficacy experiment (configs/efficacy/README.md), every step in order. Resumable: a step whose output
+# is complete (a final checkpoint, an eval.json, a stage manifest) is skipped, so an interrupted run picks
+# up where it stopped; each finished evaluation is copied to docs/results/efficacy/<arm>/ (eval.json,
+# completions.jsonl, report.md and the configs that produced it). Run from the repository root with
+# EQRLHF_DATA pointing at the shared datasets and the categorizer head fitted
+# (eqrlhf categorize-train -c configs/categorizer.yaml):
+#   bash configs/efficacy/run.sh            (logs: runs/efficacy/logs/)
+set -euo pipefail
+E=".venv/bin/eqrlhf"
+R=runs/efficacy
+C=configs/efficacy
+mkdir -p $R/logs
+step() { echo "== $(date +%T) $*"; }
+done_if() { [[ -e "$1" ]] && { echo "   done already ($1)"; return 0; } || return 1; }
+
+evaluate() {  # evaluate <arm> <model> <config files that trained it...>
+  local arm=$1 model=$2 out=docs/results/efficacy/$1
+  shift 2
+  done_if $R/eval/$arm/eval.json || $E evaluate -c $C/evaluate.yaml eval.model=$model eval.tag=$arm \
+    > $R/logs/eval_$arm.log 2>&1
+  mkdir -p $out
+  cp $R/eval/$arm/{eval.json,completions.jsonl,report.md} $C/evaluate.yaml "$@" $out/
+}
+
+step "SFT arm: categorize, mix 300 + 300, fine-tune"
+done_if $R/categorized/manifest.json || $E categorize -c $C/sft.yaml > $R/logs/categorize.log 2>&1
+done_if $R/mixture_sft/manifest.json || $E mix -c $C/sft.yaml > $R/logs/mix_sft.log 2>&1
+done_if $R/sft/final/config.json || $E train -c $C/sft.yaml > $R/logs/sft.log 2>&1
+step "recipe data: categorize (Alpaca added), mix 200 + 300"  # before any evaluation: its leakage check reads it
+done_if $R/categorized_dpo/manifest.json || $E categorize -c $C/pairs.yaml > $R/logs/categorize_dpo.log 2>&1
+done_if $R/mixture_dpo/manifest.json || $E mix -c $C/pairs.yaml > $R/logs/mix_dpo.log 2>&1
+
+step "evaluate base and SFT"
+evaluate base smollm2-135m
+evaluate sft $R/sft/final $C/sft.yaml
+
+step "recipe: on-policy judged pairs from the SFT model, DPO"
+done_if $R/pairs_dpo/manifest.json || $E pairs -c $C/pairs.yaml > $R/logs/pairs_dpo.log 2>&1
+done_if $R/dpo/final/config.json || $E train -c $C/dpo.yaml > $R/logs/dpo.log 2>&1
+step "evaluate the recipe"
+evaluate sft_dpo $R/dpo/final $C/sft.yaml $C/pairs.yaml $C/dpo.yaml
+step finished

@@ -1,0 +1,123 @@
+"""On-policy rejected answers and judged labels for preference pairs (``pairs.rejected`` / ``pairs.judge``).
+
+A rejected answer the model would never write teaches DPO to avoid a string, not a behaviour. With
+``pairs.rejected: on_policy`` the rejected side comes from the model being trained (``model.name_or_path``,
+usually an SFT warm start): ``pairs.samples`` answers per prompt at ``pairs.sample_temperature``, with no
+instruction, judged by the refusal judge, and the first one that plays the rejected role is kept: a harmful
+compliance for a risky prompt (EHD/IHD/MHD), a needless refusal for a benign one (``none``). When no sample
+plays the role, a source rejected answer is kept if the row has one (counted), else the row is filtered
+(counted): the manifest's ``judged`` block gives the yield per category. ``pairs.chosen_model`` writes missing
+chosen answers with another model (for example the base model, where the warm start over-refuses).
+
+With ``pairs.judge: true`` every response is labelled by the judges (refused or not; safe unless it complies
+with a risky prompt), the labels replace the category-implied safety flags (so BFPO's target follows real
+labels), and a pair whose labels contradict its role is dropped with a counted reason. A benign pair whose two
+answers are both safe and both answer (the chosen is the more helpful one) is kept: BFPO's buffer.
+"""
+
+from __future__ import annotations
+
+import json
+
+from eqrlhf.config import CATEGORIES
+
+RISKY = ("EHD", "IHD", "MHD")
+
+# why a judged pair is dropped: (prompt is risky, chosen refused, rejected refused) -> reason, None = kept
+_CONTRADICTIONS = {
+    (True, False, False): "judged: both answers comply with a risky prompt",
+    (True, False, True): "judged: chosen complies with a risky prompt, rejected refuses",
+    (True, True, True): "judged: both answers refuse a risky prompt",
+    (False, True, False): "judged: chosen refuses a benign prompt, rejected answers it",
+    (False, True, True): "judged: both answers refuse a benign prompt",
+}
+
+
+def is_risky(category: str | None) -> bool:
+    if category not in CATEGORIES:
+        raise ValueError(f"category {category!r} is not one of {', '.join(CATEGORIES)}")
+    return category in RISKY
+
+
+def plays_rejected(category: str, refused: bool) -> bool:
+    """A rejected answer is a compliance for a risky prompt and a refusal for a benign one."""
+    return refused != is_risky(category)
+
+
+def judged_safe(category: str, refused: bool) -> bool:
+    """The harm rule of the evaluation: unsafe = complies with a risky prompt."""
+    return refused or not is_risky(category)
+
+
+def contradiction(category: str, chosen_refused: bool, rejected_refused: bool) -> str | None:
+    """Why a pair with these judged labels contradicts its role (None: it is kept)."""
+    return _CONTRADICTIONS.get((is_risky(category), chosen_refused, rejected_refused))
+
+
+def _meta(row: dict) -> dict:
+    return json.loads(row.get("meta") or "{}")
+
+
+def pick_rejected(row: dict, samples: list[str], refused: list[bool]) -> dict:
+    """Replace the row's rejected side by the first sample that plays the rejected role (see module doc).
+
+    Sets ``filter_reason`` when neither a sample nor a source answer can be used, and records
+    ``meta.on_policy`` = {samples, matching, used}: ``used`` is ``sample``, ``source`` or None."""
+    matching = [text for text, r in zip(samples, refused) if plays_rejected(row["category"], r) and text.strip()]
+    source = (row.get("rejected") or "").strip()
+    used = "sample" if matching else ("source" if source else None)
+    if matching:
+        row["rejected"] = matching[0].strip()
+        row["rejected_safe"] = None  # the source's flag described another answer
+    elif not source:  # the model never plays the role: a yield to count, not a data error
+        role = "compliance" if is_risky(row["category"]) else "refusal"
+        row["filter_reason"] = f"on-policy: no {role} among the samples and no source rejected answer"
+    meta = _meta(row)
+    meta["on_policy"] = {"samples": len(samples), "matching": len(matching), "used": used}
+    row["meta"] = json.dumps(meta, ensure_ascii=False)
+    return row
+
+
+def apply_judgement(row: dict, chosen_refused: bool, rejected_refused: bool) -> dict:
+    """Judged labels into the row (safety flags, ``meta.judged``); a contradiction becomes a filter reason
+    in ``filter_reason`` (the stage counts it and drops the row)."""
+    category = row["category"]
+    row["chosen_safe"] = judged_safe(category, chosen_refused)
+    row["rejected_safe"] = judged_safe(category, rejected_refused)
+    meta = _meta(row)
+    meta["judged"] = {"chosen_refused": chosen_refused, "rejected_refused": rejected_refused}
+    row["meta"] = json.dumps(meta, ensure_ascii=False)
+    row["filter_reason"] = contradiction(category, chosen_refused, rejected_refused)
+    return row
+
+
+def add_judged_counts(acc: dict, rows: list[dict]) -> dict:
+    """Add rows to per-category counts: on-policy prompts, samples, matching samples and which answer was
+    used; judged refusals of each side. ``acc`` is updated and returned (the stage streams batches into it)."""
+    for row in rows:
+        meta = _meta(row)
+        c = acc.setdefault(row.get("category") or "unmapped", {})
+        info = meta.get("on_policy")
+        if info is not None:
+            for key, n in (("prompts", 1), ("samples", info["samples"]), ("matching", info["matching"])):
+                c[key] = c.get(key, 0) + n
+            c[f"used_{info['used']}"] = c.get(f"used_{info['used']}", 0) + 1
+        for side, refused in (meta.get("judged") or {}).items():
+            c[side] = c.get(side, 0) + int(refused)
+        c["judged"] = c.get("judged", 0) + int("judged" in meta)
+    return acc
+
+
+def print_judged(manifest: dict) -> None:
+    """The judged path's counts beside the refusal judge's measured accuracy."""
+    info = manifest["pairs"]
+    judges = info.get("judges") or {}
+    refusal = judges.get("refusal") or {}
+    acc = refusal.get("accuracy")
+    shown = "not validated" if acc is None else f"accuracy {acc:.3f} on n={refusal.get('n')} held-out human labels"
+    print(f"  refusal judge ({judges.get('refusal_judge')}): {shown}")
+    for category, c in sorted(info.get("judged", {}).items()):
+        print(f"  {category}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
+    for reason, count in sorted(manifest["filtered"].items()):
+        if reason.startswith("judged:"):
+            print(f"  dropped {count}: {reason}")

@@ -1,0 +1,154 @@
+"""On-policy rejected answers and judged labels (eqrlhf.data.onpolicy, the pairs stage's judged path)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+import torch
+
+from eqrlhf.algorithms.losses import LossInputs, compute_loss
+from eqrlhf.config import from_dict
+from eqrlhf.data.onpolicy import add_judged_counts, apply_judgement, contradiction, pick_rejected, plays_rejected
+from eqrlhf.data.pairs import GENERATED_SCHEMA, judged_rows, pair_sampling, response_policy, write_generated
+from eqrlhf.data.schema import Limits, make_row
+from eqrlhf.evaluate.judges import RuleRefusalJudge
+from eqrlhf.manifest import StageWriter
+from eqrlhf.models.loading import load_tokenizer, tiny_llama
+from eqrlhf.rollout.hf_engine import HFEngine
+
+VOCAB = 49152  # SmolLM2's tokenizer, so the real chat template runs
+REFUSAL = "I'm sorry, but I can't help with that."
+
+
+def config(tmp_path, **pairs_and_more):
+    tree = {"run": {"output_dir": str(tmp_path), "name": "r"}}
+    for key, value in pairs_and_more.items():
+        section, _, name = key.partition("__")
+        tree.setdefault(section, {})[name] = value
+    return from_dict(tree)
+
+
+def row(key, category, chosen=None, rejected=None):
+    return make_row(
+        source="t",
+        key=key,
+        prompt=f"prompt {key}",
+        limits=Limits(),
+        category=category,
+        chosen=chosen,
+        rejected=rejected,
+    )
+
+
+def test_roles_and_contradictions_by_hand():
+    # rejected role: a compliance for risky prompts, a refusal for benign ones
+    assert plays_rejected("EHD", refused=False) and not plays_rejected("EHD", refused=True)
+    assert plays_rejected("none", refused=True) and not plays_rejected("none", refused=False)
+    # (category, chosen refused, rejected refused) -> dropped or kept
+    assert contradiction("IHD", True, False) is None  # the intended risky pair
+    assert contradiction("none", False, True) is None  # the intended benign pair
+    assert contradiction("none", False, False) is None  # both answer: BFPO's buffer, kept
+    assert contradiction("MHD", False, True) == "judged: chosen complies with a risky prompt, rejected refuses"
+    assert contradiction("EHD", True, True) == "judged: both answers refuse a risky prompt"
+    assert contradiction("EHD", False, False) == "judged: both answers comply with a risky prompt"
+    assert contradiction("none", True, False) == "judged: chosen refuses a benign prompt, rejected answers it"
+    assert contradiction("none", True, True) == "judged: both answers refuse a benign prompt"
+    with pytest.raises(ValueError, match="category 'XHD'"):
+        contradiction("XHD", True, False)
+
+
+def test_pick_rejected_prefers_a_sample_then_the_source_answer():
+    risky = pick_rejected({**row("a", "EHD", REFUSAL), "error_reason": None}, ["No.", "Sure: step 1"], [True, False])
+    assert risky["rejected"] == "Sure: step 1" and risky["rejected_safe"] is None
+    assert json.loads(risky["meta"])["on_policy"] == {"samples": 2, "matching": 1, "used": "sample"}
+    # a benign prompt the model always answers: the source's over-refusal is kept, counted as such
+    benign = pick_rejected({**row("b", "none", "Answer.", "Source refusal."), "error_reason": None}, ["x"], [False])
+    assert benign["rejected"] == "Source refusal."
+    assert json.loads(benign["meta"])["on_policy"]["used"] == "source"
+    # neither: the row is filtered with a counted reason (a yield, not a data error)
+    lost = pick_rejected({**row("c", "IHD", REFUSAL), "error_reason": None}, ["No.", "Never."], [True, True])
+    assert lost["filter_reason"] == "on-policy: no compliance among the samples and no source rejected answer"
+
+
+def test_judged_labels_reach_bfpo_and_its_target_varies():
+    risky = apply_judgement(row("r", "EHD", REFUSAL, "Sure, here is how."), True, False)
+    buffer = apply_judgement(row("b", "none", "Kill it with kill -9.", "Use the task manager."), False, False)
+    assert (risky["chosen_safe"], risky["rejected_safe"], risky["filter_reason"]) == (True, False, None)
+    assert (buffer["chosen_safe"], buffer["rejected_safe"], buffer["filter_reason"]) == (True, True, None)
+    # the flags as the trainer's collate builds them, into the BFPO loss: target 1.0 for the risky pair,
+    # 0.5 for the buffer pair (1.5 * safe_w - 0.5 * safe_l - alpha), so the target is not constant
+    logps = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.5])
+    ref = torch.tensor([-3.5, -5.0]), torch.tensor([-4.0, -4.0])
+    inputs = LossInputs(
+        policy_chosen_logps=logps[0],
+        policy_rejected_logps=logps[1],
+        ref_chosen_logps=ref[0],
+        ref_rejected_logps=ref[1],
+        chosen_safe=torch.tensor([risky["chosen_safe"], buffer["chosen_safe"]]),
+        rejected_safe=torch.tensor([risky["rejected_safe"], buffer["rejected_safe"]]),
+    )
+    loss, metrics = compute_loss("bfpo", inputs, beta=0.1, bfpo_alpha=0.5, bfpo_tau=0.01)
+    h = torch.tensor([0.5 - 0.0, 0.0 - (-0.5)])  # chosen log-ratio minus rejected log-ratio
+    target = torch.tensor([1.0, 0.5])
+    assert loss.item() == pytest.approx(((h - target / 0.01) ** 2).mean().item())
+    assert metrics["bfpo/target"].item() == pytest.approx(0.75)
+
+
+def test_judged_path_with_a_real_engine_and_judge_drops_and_counts(tmp_path):
+    tokenizer = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    engine = HFEngine(tiny_llama(vocab_size=VOCAB), tokenizer=tokenizer)
+    cfg = config(
+        tmp_path, pairs__rejected="on_policy", pairs__samples=2, pairs__judge=True, generation__max_new_tokens=4
+    )
+    rows = [
+        row("ok", "EHD", REFUSAL),  # samples of a random model comply: one becomes the rejected side
+        row("bad", "MHD", "Sure, here is everything you asked."),  # chosen complies: dropped by the judge
+        row("benign", "none", "Here is the answer.", REFUSAL),  # random text never refuses: source rejected kept
+        row("lost", "none", "Here is the answer."),  # no refusal sampled, none in the source: filtered
+    ]
+    out = judged_rows(rows, engine, RuleRefusalJudge(), response_policy(cfg), pair_sampling(cfg), cfg.pairs)
+    got = {r["id"]: r for r in out}
+    assert got["t:ok"]["rejected"] and got["t:ok"]["rejected"] != REFUSAL and got["t:ok"]["filter_reason"] is None
+    assert got["t:bad"]["filter_reason"] == "judged: both answers comply with a risky prompt"
+    assert got["t:benign"]["rejected"] == REFUSAL and got["t:benign"]["filter_reason"] is None
+    assert got["t:lost"]["filter_reason"].startswith("on-policy: no refusal among the samples")
+    writer = StageWriter(tmp_path / "pairs", "pairs", "test")
+    writer.count_read(4)
+    stats = {"generated_rows": 0, "truncated_responses": 0, "judged": {}}
+    write_generated(writer, pa.Table.from_pylist(out, schema=GENERATED_SCHEMA), stats)
+    manifest = writer.close()
+    # every row accounted for: 2 written, 2 filtered with their reasons
+    assert manifest["rows_written"] == 2 and manifest["failed"] == {}
+    assert manifest["filtered"] == {
+        "judged: both answers comply with a risky prompt": 1,
+        "on-policy: no refusal among the samples and no source rejected answer": 1,
+    }
+    assert stats["judged"]["EHD"] == {
+        "prompts": 1,
+        "samples": 2,
+        "matching": 2,
+        "used_sample": 1,
+        "chosen_refused": 1,
+        "rejected_refused": 0,
+        "judged": 1,
+    }
+    assert stats["judged"]["none"]["used_source"] == 1
+
+
+def test_judged_counts_add_up_across_batches():
+    a = apply_judgement(row("a", "none", "x", "y"), False, True)
+    a["meta"] = json.dumps({**json.loads(a["meta"]), "on_policy": {"samples": 4, "matching": 1, "used": "sample"}})
+    acc = add_judged_counts({}, [a])
+    add_judged_counts(acc, [a])
+    assert acc["none"] == {
+        "prompts": 2,
+        "samples": 8,
+        "matching": 2,
+        "used_sample": 2,
+        "chosen_refused": 0,
+        "rejected_refused": 2,
+        "judged": 2,
+    }
