@@ -11,7 +11,14 @@ import torch
 from eqrlhf.algorithms.losses import LossInputs, compute_loss
 from eqrlhf.config import from_dict
 from eqrlhf.data.onpolicy import add_judged_counts, apply_judgement, contradiction, pick_rejected, plays_rejected
-from eqrlhf.data.pairs import GENERATED_SCHEMA, judged_rows, pair_sampling, response_policy, write_generated
+from eqrlhf.data.pairs import (
+    GENERATED_SCHEMA,
+    judged_rows,
+    pair_sampling,
+    response_policy,
+    run_pairs,
+    write_generated,
+)
 from eqrlhf.data.schema import Limits, make_row
 from eqrlhf.evaluate.judges import RuleRefusalJudge
 from eqrlhf.manifest import StageWriter
@@ -152,3 +159,44 @@ def test_judged_counts_add_up_across_batches():
         "rejected_refused": 2,
         "judged": 2,
     }
+
+
+def test_pairs_stage_samples_and_judges_in_a_ray_data_stage(tmp_path, ray_local):
+    from eqrlhf.data.schema import ROW_SCHEMA
+    from eqrlhf.manifest import read_rows
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab_size=VOCAB).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    writer = StageWriter(tmp_path / "r" / "mixture", "mix", "test")
+    writer.count_read(4)
+    rows = [
+        row("risky", "EHD", REFUSAL),
+        row("risky2", "IHD", "I won't help with that."),
+        row("benign", "none", "Here is the answer.", REFUSAL),
+        row("alpaca", "none"),  # no chosen: written by the chosen model, then no refusal sampled: filtered
+    ]
+    writer.write_rows(pa.Table.from_pylist(rows, schema=ROW_SCHEMA))
+    writer.close()
+    cfg = config(
+        tmp_path,
+        model__name_or_path=str(model_dir),
+        generation__max_new_tokens=4,
+        generation__batch_size=2,
+        pairs__rejected="on_policy",
+        pairs__samples=2,
+        pairs__judge=True,
+        pairs__chosen_model=str(model_dir),
+        eval__refusal_judge="rule",
+    )
+    manifest = run_pairs(cfg)
+    assert manifest["rows_read"] == 4 and manifest["rows_written"] == 3 and manifest["failed"] == {}
+    assert manifest["filtered"] == {"on-policy: no refusal among the samples and no source rejected answer": 1}
+    info = manifest["pairs"]
+    assert info["judges"]["refusal_judge"] == "rule" and info["generator"]["rejected"] == "on_policy"
+    assert info["judged"]["EHD"]["used_sample"] == 1 and info["judged"]["none"]["used_source"] == 1
+    written = {r["id"]: r for r in read_rows(cfg.run.dir / "pairs").to_pylist()}
+    assert set(written) == {"t:risky", "t:risky2", "t:benign"}
+    assert (written["t:risky"]["chosen_safe"], written["t:risky"]["rejected_safe"]) == (True, False)
+    assert json.loads(written["t:risky2"]["meta"])["judged"] == {"chosen_refused": True, "rejected_refused": False}
