@@ -316,7 +316,7 @@ class EvalSection(Section):
 class PPOSection(Section):
     """Online RL (algorithm.loss ppo | ppo_lagrangian): rollouts from the engine pool, critics, GAE.
 
-    AMA-PPO is ``ppo`` with ``ama.enabled=true`` and ``ama.scorer=critic`` (DESIGN 1.2: rule ``sign`` and
+    AMA-PPO is ``ppo`` with ``ama.enabled=true`` and ``ama.scorer=critic`` (docs/method.md section 2.6: rule ``sign`` and
     ``normalize: none`` on the raw values). One iteration's rollout batch (prompts x samples) is split over
     the workers and cut into mini-batches of train.micro_batch_size x train.grad_accum x num_workers samples.
     """

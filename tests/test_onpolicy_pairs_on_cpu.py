@@ -200,3 +200,13 @@ def test_pairs_stage_samples_and_judges_in_a_ray_data_stage(tmp_path, ray_local)
     assert set(written) == {"t:risky", "t:risky2", "t:benign"}
     assert (written["t:risky"]["chosen_safe"], written["t:risky"]["rejected_safe"]) == (True, False)
     assert json.loads(written["t:risky2"]["meta"])["judged"] == {"chosen_refused": True, "rejected_refused": False}
+
+
+def test_judged_path_with_missing_skip_leaves_out_rows_without_an_answer(tmp_path):
+    engine = HFEngine(tiny_llama(vocab_size=VOCAB), tokenizer=load_tokenizer("smollm2-135m"))
+    cfg = config(tmp_path, pairs__rejected="on_policy", pairs__missing="skip", generation__max_new_tokens=4)
+    rows = [row("answered", "EHD", REFUSAL), row("unanswered", "none")]
+    out = judged_rows(rows, engine, RuleRefusalJudge(), response_policy(cfg), pair_sampling(cfg), cfg.pairs)
+    got = {r["id"]: r for r in out}
+    assert got["t:unanswered"]["filter_reason"] == "no pair" and got["t:unanswered"]["chosen"] is None
+    assert got["t:answered"]["filter_reason"] is None and got["t:answered"]["rejected"]

@@ -1,7 +1,7 @@
 """Adaptive message-wise alignment (AMA): turn per-token scores into 0/1 gradient masks.
 
 Scores s_t come from a scorer (reward of each prefix, DPO implicit reward per token, or the PPO value); see
-DESIGN.md 1.2. Every function takes ``scores`` [B, T], ``response_mask`` [B, T] (1 on response tokens) and
+docs/method.md section 2. Every function takes ``scores`` [B, T], ``response_mask`` [B, T] (1 on response tokens) and
 ``is_positive`` [B] (True for chosen responses / samples with advantage >= b, False for rejected ones) and
 returns a float32 mask of the same shape as ``scores``, 0 outside the response. Scores are treated as
 constants: nothing here carries gradient.

@@ -190,7 +190,7 @@ def _cdpo(inputs: LossInputs, p: LossParams) -> tuple[Tensor, dict[str, Tensor]]
     return loss, _preference_metrics(loss, inputs, p.beta)
 
 
-# The ama_ variants run the same math: the caller sums log-probs under the AMA mask (DESIGN.md 1.2).
+# The ama_ variants run the same math: the caller sums log-probs under the AMA mask (docs/method.md section 2.5).
 for _name, _fn in (("dpo", _dpo), ("ipo", _ipo), ("cdpo", _cdpo)):
     register(_name, requires=PAIR_LOGPS, uses_reference=True)(_fn)
     register(f"ama_{_name}", requires=PAIR_LOGPS, uses_reference=True)(_fn)

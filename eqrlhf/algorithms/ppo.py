@@ -210,7 +210,7 @@ def critic_value_mask(
     tau: float = 0.3,
     normalize: str = "none",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """AMA-PPO (DESIGN 1.2): a sample with advantage >= b keeps tokens with V_t > b, else tokens with V_t < b.
+    """AMA-PPO (docs/method.md section 2.6): a sample with advantage >= b keeps tokens with V_t > b, else tokens with V_t < b.
 
     ``baseline`` b is a number or "batch_mean" (then V_t is compared with the mean value over the batch's
     response tokens and the sample advantage with the mean sample advantage). A token with V_t == b is kept

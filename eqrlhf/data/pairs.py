@@ -4,7 +4,7 @@ Rows that already hold a chosen and a rejected response (hh-rlhf, PKU-SafeRLHF, 
 preferences, the demo corpus) pass through untouched. For the others, ``pairs.missing``
 decides: ``generate`` writes the missing side(s) with the rollout engine in a Ray Data
 ``map_batches`` stage, ``error`` stops at the first such row, ``skip`` leaves them out
-(counted). The generator follows the per-category response policy of DESIGN.md 1.1 via
+(counted). The generator follows the per-category response policy of docs/method.md section 1.1 via
 system instructions, overridable per category in ``pairs.policy``.
 
 Safety flags follow the category where the source gave none: for EHD/IHD/MHD the chosen
@@ -195,7 +195,16 @@ def judged_rows(
     from eqrlhf.data.onpolicy import apply_judgement, pick_rejected
 
     on_policy = pairs.rejected == "on_policy"
-    rows = fill_missing(rows, chosen_engine or engine, policy, sampling, sides=("chosen",) if on_policy else SIDES)
+    needed = ("chosen",) if on_policy else SIDES  # on-policy: the rejected side is sampled anyway
+    skipped = []
+    if pairs.missing == "skip":  # rows lacking a needed side are left out and counted, not written by a model
+        skipped = [r for r in rows if any(_is_blank(r.get(side)) for side in needed)]
+        rows = [r for r in rows if not any(_is_blank(r.get(side)) for side in needed)]
+    rows = fill_missing(rows, chosen_engine or engine, policy, sampling, sides=needed)
+    rows += [
+        {**r, "error_field": None, "error_reason": None, "truncated_sides": 0, "filter_reason": "no pair"}
+        for r in skipped
+    ]
     for row in rows:
         row.setdefault("filter_reason", None)
 
@@ -333,7 +342,12 @@ def run_pairs(cfg) -> dict:
     judged = cfg.pairs.rejected == "on_policy" or cfg.pairs.judge
     if cfg.pairs.missing == "generate" or judged:
         check_engine(cfg)
-    judges = judge_validation(cfg) if judged else None  # fits the refusal head once, here, not in each actor
+    if judged:
+        from eqrlhf.data.onpolicy import judge_validation
+
+        judges = judge_validation(cfg)  # fits the refusal head once, here, not in each actor
+    else:
+        judges = None
     in_dir = cfg.stage_dir(cfg.pairs.input, "mixture")
     batch_rows = cfg.data.rows_per_block
     total, missing, first_missing = scan_missing(in_dir, batch_rows)
@@ -389,11 +403,3 @@ def run_pairs(cfg) -> dict:
 
         print_judged(manifest)
     return manifest
-
-
-def judge_validation(cfg) -> dict:
-    """The refusal judge's accuracy on held-out human labels (fits the embedding head on first use)."""
-    from eqrlhf.evaluate.judges import refusal_judge_for
-
-    _, validation = refusal_judge_for(cfg)
-    return {"refusal_judge": cfg.eval.refusal_judge, "refusal": validation.get("refusal")}
