@@ -70,6 +70,15 @@ def test_wilson_interval_matches_hand_computation():
         wilson(3, 2)
 
 
+def test_wilson_interval_holds_the_rate_at_the_ends():
+    from eqrlhf.evaluate.metrics import wilson
+
+    for n in range(1, 400):
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
+        lo, hi = wilson(n // 3, n)
+        assert lo <= (n // 3) / n <= hi
+
+
 def test_t_interval_and_binary_metrics_by_hand():
     # mean 2, sd 1, t(0.975, df=2) = 4.302653: half width 4.302653 / sqrt(3) = 2.484138
     assert t_interval([1.0, 2.0, 3.0]) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-5)
