@@ -140,6 +140,24 @@ def test_sampling_is_seeded_and_logprobs_are_those_sampled_from(pool, models):
     assert logprob_gap(trainer, [c.logprobs for c in first]) < 1e-3
 
 
+def test_prefill_groups_by_hand():
+    from eqrlhf.rollout.vllm_engine import prefill_groups
+
+    assert prefill_groups([300, 300, 300], None) == [range(0, 3)]
+    assert prefill_groups([300, 300, 300, 100], 700) == [range(0, 2), range(2, 4)]
+    assert prefill_groups([900, 10, 10], 500) == [range(0, 1), range(1, 3)]  # too long alone: its own call
+
+
+def test_seeded_sampling_of_prompts_past_one_prefill_budget(pool):
+    # 16 requests x ~400 prompt tokens exceed one scheduler step (4096 tokens): submitted at once, vLLM would
+    # split a prefill and rewind a CPU generator, which kills the engine ("CPU Generator does not use offset")
+    prompts = [[{"role": "user", "content": f"{k} " + "word " * 400}] for k in range(8)]
+    sampling = Sampling(max_new_tokens=4, temperature=1.0, n=2, seed=5)
+    first = pool.generate(prompts, sampling)
+    assert len(first) == 16 and sum(len(c.prompt_token_ids) for c in first) > 4096
+    assert token_ids(pool.generate(prompts, sampling)) == token_ids(first)
+
+
 def test_update_weights_in_buckets_changes_generation_and_restores_it(pool, models):
     sampling = Sampling(max_new_tokens=8)
     before = token_ids(pool.generate(PROMPTS, sampling))

@@ -157,6 +157,21 @@ def cpu_bind_spec(cores: list[int], slot: int, slots: int, tensor_parallel_size:
     return "|".join(",".join(str(c) for c in rank) for rank in ranks)
 
 
+def prefill_groups(prompt_lengths: list[int], budget: int | None) -> list[range]:
+    """Consecutive request ranges whose prompt tokens fit in ``budget`` (one range when None; a prompt longer
+    than the budget gets a range of its own)."""
+    if budget is None:
+        return [range(len(prompt_lengths))]
+    groups, start, used = [], 0, 0
+    for k, length in enumerate(prompt_lengths):
+        if k > start and used + length > budget:
+            groups.append(range(start, k))
+            start, used = k, 0
+        used += length
+    groups.append(range(start, len(prompt_lengths)))
+    return groups
+
+
 class VLLMEngine:
     """RolloutEngine owning one ``vllm.LLM`` (see the module docstring)."""
 
@@ -266,7 +281,15 @@ class VLLMEngine:
             )
             for i, j in requests
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": encoded[i]} for i, _ in requests], params, use_tqdm=False)
+        outputs = []
+        # seeded sampling on CPU: when vLLM splits a prompt's prefill across scheduler steps it rewinds that
+        # request's generator (set_offset), which CPU generators do not support, and the engine dies; so each
+        # call's prompts fit in one step's token budget and every prefill is whole
+        budget = None if greedy or self.device != "cpu" else self.llm.llm_engine.vllm_config.scheduler_config
+        budget = budget and budget.max_num_batched_tokens
+        for part in prefill_groups([len(encoded[i]) for i, _ in requests], budget):
+            inputs = [{"prompt_token_ids": encoded[requests[k][0]]} for k in part]
+            outputs += self.llm.generate(inputs, [params[k] for k in part], use_tqdm=False)
         completions = [self._completion(i, out.outputs[0], encoded[i]) for (i, _), out in zip(requests, outputs)]
         self.requests_served += len(prompts)
         self.completions_served += len(completions)
