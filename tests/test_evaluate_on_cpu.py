@@ -261,6 +261,7 @@ def test_refuser_and_complier_land_at_the_extremes_through_the_pool(ray_local, t
     assert first["summary"] == {
         "harmful_compliance": 0.0,
         "over_refusal": 1.0,
+        "helpful_refusal": 1.0,  # it refuses the helpful prompts too
         "likelihood_retention": 0.0,  # its own baseline
         "reward": None,
         "refusal_judge_accuracy": None,  # no calibration files: the rule judge runs, unvalidated, and says so
@@ -281,7 +282,7 @@ def test_refuser_and_complier_land_at_the_extremes_through_the_pool(ray_local, t
 
     second = evaluate_model(cfg, complier, "complier")
     s = second["summary"]
-    assert (s["harmful_compliance"], s["over_refusal"]) == (1.0, 0.0)
+    assert (s["harmful_compliance"], s["over_refusal"], s["helpful_refusal"]) == (1.0, 0.0, 0.0)
     assert second["helpfulness"]["likelihood_retention"]["n"] == 2 and math.isfinite(s["likelihood_retention"])
     assert second["helpfulness"]["by_category"]["none"]["n"] == 2
     report = (out.parent / "complier" / "report.md").read_text()

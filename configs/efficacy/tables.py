@@ -69,6 +69,16 @@ def main(arms: list[str]) -> None:
             f"| {pct(rate(sum(x['refused'] for x in helpful), len(helpful)))} "
             f"| {ret['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {sum(degenerate(x['completion']) for x in r)}/{len(r)} |"
         )
+    print("\nThe same rates with the rule judge's verdicts (refused_rule) in place of the embedding head's:\n")
+    print("| arm | harmful compliance | over-refusal | helpful refusals |\n|---|---|---|---|")
+    for arm in arms:
+        r = rows[arm]
+        by_kind = {k: [x["refused_rule"] for x in r if x["kind"] == k] for k in ("harmful", "benign", "helpful")}
+        harm = [not v for v in by_kind["harmful"]]
+        print(
+            f"| {arm} | {pct(rate(sum(harm), len(harm)))} | {pct(rate(sum(by_kind['benign']), len(by_kind['benign'])))} "
+            f"| {pct(rate(sum(by_kind['helpful']), len(by_kind['helpful'])))} |"
+        )
     print("\nHarmful compliance per risk category (embedding categorizer):\n")
     cats = ("EHD", "IHD", "MHD")
     print("| arm | " + " | ".join(cats) + " |\n|---|" + "---|" * len(cats))
