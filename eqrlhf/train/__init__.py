@@ -105,6 +105,8 @@ def prepare_train(cfg: Config) -> dict:
         resolve_model_path(cfg.model.name_or_path)  # also converts the bundled model once, before workers race
     except FileNotFoundError as err:
         raise ConfigError(f"model.name_or_path: {err}") from None
+    if Path(cfg.model.name_or_path).is_dir():  # a local checkpoint: Ray Train workers run in another directory
+        cfg.model.name_or_path = str(Path(cfg.model.name_or_path).resolve())
     global_batch = global_batch_pairs(cfg.train, cfg.train.num_workers)
     per_epoch = steps_per_epoch(rows, global_batch)
     if per_epoch == 0:
