@@ -7,9 +7,9 @@ import json
 import pyarrow as pa
 import pytest
 import torch
+from test_pairs_on_cpu import VOCAB, config  # the same config builder as the pairs stage tests
 
 from eqrlhf.algorithms.losses import LossInputs, compute_loss
-from eqrlhf.config import from_dict
 from eqrlhf.data.onpolicy import add_judged_counts, apply_judgement, contradiction, pick_rejected, plays_rejected
 from eqrlhf.data.pairs import (
     GENERATED_SCHEMA,
@@ -25,16 +25,7 @@ from eqrlhf.manifest import StageWriter
 from eqrlhf.models.loading import load_tokenizer, tiny_llama
 from eqrlhf.rollout.hf_engine import HFEngine
 
-VOCAB = 49152  # SmolLM2's tokenizer, so the real chat template runs
 REFUSAL = "I'm sorry, but I can't help with that."
-
-
-def config(tmp_path, **pairs_and_more):
-    tree = {"run": {"output_dir": str(tmp_path), "name": "r"}}
-    for key, value in pairs_and_more.items():
-        section, _, name = key.partition("__")
-        tree.setdefault(section, {})[name] = value
-    return from_dict(tree)
 
 
 def row(key, category, chosen=None, rejected=None):

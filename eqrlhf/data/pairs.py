@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -384,7 +383,7 @@ def run_pairs(cfg) -> dict:
             else {
                 "engine": cfg.generation.engine,
                 "model": cfg.model.name_or_path,
-                "sampling": asdict(sampling),
+                "sampling": dataclasses.asdict(sampling),
                 "policy": policy,
                 "chosen_model": cfg.pairs.chosen_model,
                 "rejected": cfg.pairs.rejected,
