@@ -15,35 +15,53 @@ import traceback
 
 from eqrlhf.config import ConfigError, load_config
 
-# stage name -> (module, function, one-line help). Imported lazily: `eqrlhf --help`
-# should not pay for importing torch and Ray.
-STAGES = {
-    "categorize": ("eqrlhf.data.categorize_stage", "run_categorize", "stream sources and label EHD/IHD/MHD/none"),
+# commands that are not pipeline stages (eqrlhf.stages declares those): name -> (module, function, help).
+# Imported on use: the sweep and control modules pull in Ray Tune and torch, which --help should not pay for.
+COMMANDS = {
     "categorize-train": ("eqrlhf.data.categorizers.embedding", "train_head", "fit the embedding categorizer head"),
-    "mix": ("eqrlhf.data.mix", "run_mix", "build a training mixture from categorized data"),
-    "pairs": ("eqrlhf.data.pairs", "run_pairs", "turn prompts into preference pairs"),
-    "score": ("eqrlhf.data.score", "run_score", "add AMA token scores and reference log-probs"),
-    "train": ("eqrlhf.train", "run_train", "Ray Train + DeepSpeed training (SFT, DPO family, BFPO, RM, cost)"),
     "evaluate": ("eqrlhf.evaluate", "run_evaluate", "harmful compliance, over-refusal and helpfulness of a model"),
     "control-data": ("eqrlhf.control.selfgen", "run_control_data", "self-generated, level-tagged data (controllable)"),
     "control-generate": ("eqrlhf.control.serve", "run_control_generate", "generate at chosen control levels"),
     "sweep": ("eqrlhf.tune", "run_sweep", "Ray Tune sweep over data ratios, scale and AMA settings"),
     "pipeline": ("eqrlhf.pipeline", "run_pipeline", "run the stages in order, skipping unchanged ones"),
 }
+# single stages run through the registry (skipped when unchanged); the pipeline-only ones are left out
+SINGLE_STAGES = ("categorize", "mix", "pairs", "score", "train")
 
 # Errors that mean "your input is wrong": one line, no traceback (EQRLHF_DEBUG=1 shows it).
 USER_ERRORS = (ConfigError, FileNotFoundError, KeyError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from eqrlhf.stages import STAGES
+
     parser = argparse.ArgumentParser(prog="eqrlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name, (_, _, help_text) in STAGES.items():
+    helps = {name: STAGES[name].help for name in SINGLE_STAGES} | {k: v[2] for k, v in COMMANDS.items()}
+    for name, help_text in helps.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("-c", "--config", help="YAML config file (defaults when omitted)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. mix.counts.EHD=100")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        if name in SINGLE_STAGES:
+            p.add_argument("--force", action="store_true", help="run even when nothing it reads has changed")
+        if name == "pipeline":
+            p.add_argument("--plan", action="store_true", help="print which stages would run or skip, and why")
     return parser
+
+
+def _runner(args):
+    if args.stage in SINGLE_STAGES:
+        from eqrlhf.pipeline import run_stage
+        from eqrlhf.stages import STAGES
+
+        return lambda cfg: run_stage(STAGES[args.stage], cfg, force=args.force)
+    if args.stage == "pipeline":
+        from eqrlhf.pipeline import run_pipeline
+
+        return lambda cfg: run_pipeline(cfg, plan_only=args.plan)
+    module, func, _ = COMMANDS[args.stage]
+    return getattr(importlib.import_module(module), func)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
-    module, func, _ = STAGES[args.stage]
-    run = getattr(importlib.import_module(module), func)
+    run = _runner(args)
     try:
         run(cfg)
     except USER_ERRORS as err:

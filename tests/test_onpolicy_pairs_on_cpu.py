@@ -10,7 +10,14 @@ import torch
 from test_pairs_on_cpu import VOCAB, config  # the same config builder as the pairs stage tests
 
 from eqrlhf.algorithms.losses import LossInputs, compute_loss
-from eqrlhf.data.onpolicy import add_judged_counts, apply_judgement, contradiction, pick_rejected, plays_rejected
+from eqrlhf.data.onpolicy import (
+    add_judged_counts,
+    apply_judgement,
+    contradiction,
+    pick_chosen,
+    pick_rejected,
+    plays_rejected,
+)
 from eqrlhf.data.pairs import (
     GENERATED_SCHEMA,
     judged_rows,
@@ -68,6 +75,51 @@ def test_pick_rejected_prefers_a_sample_then_the_source_answer():
     # neither: the row is filtered with a counted reason (a yield, not a data error)
     lost = pick_rejected({**row("c", "IHD", REFUSAL), "error_reason": None}, ["No.", "Never."], [True, True])
     assert lost["filter_reason"] == "on-policy: no compliance among the samples and no source rejected answer"
+
+
+def test_pick_chosen_takes_the_first_sample_in_the_chosen_role_else_keeps_the_source():
+    risky = pick_rejected(
+        {**row("a", "EHD", "A long lecture."), "error_reason": None}, ["Sure.", REFUSAL], [False, True]
+    )
+    risky = pick_chosen(risky, ["Sure.", REFUSAL], [False, True])
+    assert (risky["chosen"], risky["rejected"], risky["chosen_safe"]) == (REFUSAL, "Sure.", None)
+    info = json.loads(risky["meta"])["on_policy"]
+    assert info == {"samples": 2, "matching": 1, "used": "sample", "chosen_matching": 1, "chosen_used": "sample"}
+    # a benign prompt the model only refuses: no sample answers it, the source chosen stays
+    benign = pick_chosen({**row("b", "none", "Answer.", "x")}, [REFUSAL, REFUSAL], [True, True])
+    assert benign["chosen"] == "Answer." and json.loads(benign["meta"])["on_policy"]["chosen_used"] == "source"
+    # no sample and no source: left blank for the generator, counted as None
+    blank = pick_chosen({**row("c", "none")}, [REFUSAL], [True])
+    assert not blank["chosen"] and json.loads(blank["meta"])["on_policy"]["chosen_used"] is None
+
+
+def test_on_policy_chosen_comes_from_the_samples_before_any_generation(tmp_path):
+    tokenizer = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    engine = HFEngine(tiny_llama(vocab_size=VOCAB), tokenizer=tokenizer)
+    cfg = config(
+        tmp_path,
+        pairs__rejected="on_policy",
+        pairs__samples=2,
+        pairs__on_policy_chosen=["none", "EHD"],
+        generation__max_new_tokens=4,
+    )
+    rows = [
+        row("benign", "none", None, REFUSAL),  # no chosen anywhere: a sample (random text answers) fills it
+        row("risky", "EHD", REFUSAL),  # random text never refuses: the source chosen stays
+    ]
+    calls = []
+    generate = engine.generate
+    engine.generate = lambda requests, sampling: calls.append(len(requests)) or generate(requests, sampling)
+    out = judged_rows(rows, engine, RuleRefusalJudge(), response_policy(cfg), pair_sampling(cfg), cfg.pairs)
+    got = {r["id"]: r for r in out}
+    assert calls == [2]  # one sampling call, no chosen generation: every chosen came from a sample or source
+    samples = json.loads(got["t:benign"]["meta"])["on_policy"]
+    assert got["t:benign"]["chosen"] and samples["chosen_used"] == "sample" and samples["used"] == "source"
+    assert got["t:risky"]["chosen"] == REFUSAL and got["t:risky"]["rejected"] != REFUSAL
+    assert all(r["filter_reason"] is None and r["error_reason"] is None for r in out)
+    counts = add_judged_counts({}, out)
+    assert counts["none"]["chosen_used_sample"] == 1 and counts["EHD"]["chosen_used_source"] == 1
 
 
 def test_judged_labels_reach_bfpo_and_its_target_varies():

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from eqrlhf.config import load_config
-from eqrlhf.pipeline import effective_config, reward_config, run_pipeline, selected_stages
+from eqrlhf.pipeline import run_pipeline, selected_stages
 from eqrlhf.pipeline_report import flat_summary
+from eqrlhf.stages import effective_config, reward_config
 
 DEMO_ONLY_DATA = ["run.stages=[categorize, mix]", "mix.counts={EHD: 5, IHD: 3, MHD: 2}", "mix.general_ratio=1.0"]
 
@@ -71,8 +72,8 @@ def test_rerun_skips_unchanged_stages_and_reruns_downstream(tmp_path, ray_local,
     changed = run_pipeline(load_config("configs/quickstart.yaml", [*overrides, "mix.counts.EHD=6"]))
     assert changed["categorize"].get("skipped") and not changed["mix"].get("skipped")
     assert changed["mix"]["rows_written"] == 22
-    state = json.loads((tmp_path / "quickstart" / "pipeline_state.json").read_text())
-    assert set(state) == {"categorize", "mix"}
+    for stage, folder in (("categorize", "categorized"), ("mix", "mixture")):
+        assert json.loads((tmp_path / "quickstart" / folder / "stage_state.json").read_text())["stage"] == stage
     assert "unchanged since the last run, skipped" in capsys.readouterr().out
 
 

@@ -40,4 +40,9 @@ done_if $R/pairs_dpo/manifest.json || $E pairs -c $C/pairs.yaml > $R/logs/pairs_
 done_if $R/dpo/final/config.json || $E train -c $C/dpo.yaml > $R/logs/dpo.log 2>&1
 step "evaluate the recipe"
 evaluate sft_dpo $R/dpo/final $C/sft.yaml $C/pairs.yaml $C/dpo.yaml
+step "second recipe: harmful pairs with both answers sampled from the SFT model, DPO one epoch"
+done_if $R/mixture_onpolicy/manifest.json || $E mix -c $C/pairs_onpolicy.yaml > $R/logs/mix_onpolicy.log 2>&1
+done_if $R/pairs_onpolicy/manifest.json || $E pairs -c $C/pairs_onpolicy.yaml > $R/logs/pairs_onpolicy.log 2>&1
+done_if $R/dpo_onpolicy/final/config.json || $E train -c $C/dpo_onpolicy.yaml > $R/logs/dpo_onpolicy.log 2>&1
+evaluate sft_dpo_onpolicy $R/dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/dpo_onpolicy.yaml
 step finished

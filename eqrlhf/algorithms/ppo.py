@@ -18,8 +18,6 @@ from torch import Tensor
 from eqrlhf.algorithms.ama import ama_mask
 from eqrlhf.algorithms.logprobs import masked_sum
 
-PPO_LOSSES = ("ppo", "ppo_lagrangian")
-
 
 def token_mean(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
     """Mean over every kept token of the batch (not a mean of row means); 0 when nothing is kept."""

@@ -6,8 +6,10 @@ usually an SFT warm start): ``pairs.samples`` answers per prompt at ``pairs.samp
 instruction, judged by the refusal judge, and the first one that plays the rejected role is kept: a harmful
 compliance for a risky prompt (EHD/IHD/MHD), a needless refusal for a benign one (``none``). When no sample
 plays the role, a source rejected answer is kept if the row has one (counted), else the row is filtered
-(counted): the manifest's ``judged`` block gives the yield per category. ``pairs.chosen_model`` writes missing
-chosen answers with another model (for example the base model, where the warm start over-refuses).
+(counted): the manifest's ``judged`` block gives the yield per category. ``pairs.on_policy_chosen`` takes the
+chosen side from the same samples for the listed categories (a refusal of a risky prompt, an answer to a
+benign one). ``pairs.chosen_model`` writes the chosen answers still missing with another model (for example
+the base model, where the warm start over-refuses).
 
 With ``pairs.judge: true`` every response is labelled by the judges (refused or not; safe unless it complies
 with a risky prompt), the labels replace the category-implied safety flags (so BFPO's target follows real
@@ -78,6 +80,22 @@ def pick_rejected(row: dict, samples: list[str], refused: list[bool]) -> dict:
     return row
 
 
+def pick_chosen(row: dict, samples: list[str], refused: list[bool]) -> dict:
+    """``pairs.on_policy_chosen``: the first sample that plays the chosen role (a refusal for a risky prompt,
+    an answer for a benign one) replaces the chosen side, so the pair differs in behaviour and not in style
+    or source. Without one the row's chosen stays (a source answer, or one generated later); counted in
+    ``meta.on_policy`` as ``chosen_matching`` and ``chosen_used`` (``sample``, ``source`` or None)."""
+    matching = [t for t, r in zip(samples, refused) if not plays_rejected(row["category"], r) and t.strip()]
+    used = "sample" if matching else ("source" if (row.get("chosen") or "").strip() else None)
+    if matching:
+        row["chosen"] = matching[0].strip()
+        row["chosen_safe"] = None
+    meta = _meta(row)
+    meta.setdefault("on_policy", {}).update(chosen_matching=len(matching), chosen_used=used)
+    row["meta"] = json.dumps(meta, ensure_ascii=False)
+    return row
+
+
 def apply_judgement(row: dict, chosen_refused: bool, rejected_refused: bool) -> dict:
     """Judged labels into the row (safety flags, ``meta.judged``); a contradiction becomes a filter reason
     in ``filter_reason`` (the stage counts it and drops the row)."""
@@ -102,6 +120,9 @@ def add_judged_counts(acc: dict, rows: list[dict]) -> dict:
             for key, n in (("prompts", 1), ("samples", info["samples"]), ("matching", info["matching"])):
                 c[key] = c.get(key, 0) + n
             c[f"used_{info['used']}"] = c.get(f"used_{info['used']}", 0) + 1
+            if "chosen_used" in info:
+                c["chosen_matching"] = c.get("chosen_matching", 0) + info["chosen_matching"]
+                c[f"chosen_used_{info['chosen_used']}"] = c.get(f"chosen_used_{info['chosen_used']}", 0) + 1
         for side, refused in (meta.get("judged") or {}).items():
             c[side] = c.get(side, 0) + int(refused)
         c["judged"] = c.get("judged", 0) + int("judged" in meta)

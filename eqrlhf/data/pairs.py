@@ -188,10 +188,11 @@ class PairGenerator:
 def judged_rows(
     rows: list[dict], engine, judge, policy: dict, sampling: Sampling, pairs, chosen_engine=None
 ) -> list[dict]:
-    """Every row through the judged path (eqrlhf.data.onpolicy): a missing chosen side written under the
-    policy instruction (by ``chosen_engine`` when given), the rejected side sampled on-policy
-    (``pairs.rejected=on_policy``), both judged (``pairs.judge``)."""
-    from eqrlhf.data.onpolicy import apply_judgement, pick_rejected
+    """Every row through the judged path (eqrlhf.data.onpolicy): answers sampled on-policy
+    (``pairs.rejected=on_policy``) fill the rejected side and, for ``pairs.on_policy_chosen`` categories, the
+    chosen side; a chosen side still missing is then written under the policy instruction (by
+    ``chosen_engine`` when given); both sides are judged (``pairs.judge``)."""
+    from eqrlhf.data.onpolicy import apply_judgement, pick_chosen, pick_rejected
 
     on_policy = pairs.rejected == "on_policy"
     needed = ("chosen",) if on_policy else SIDES  # on-policy: the rejected side is sampled anyway
@@ -199,27 +200,26 @@ def judged_rows(
     if pairs.missing == "skip":  # rows lacking a needed side are left out and counted, not written by a model
         skipped = [r for r in rows if any(_is_blank(r.get(side)) for side in needed)]
         rows = [r for r in rows if not any(_is_blank(r.get(side)) for side in needed)]
-    rows = fill_missing(rows, chosen_engine or engine, policy, sampling, sides=needed)
+    rows = [{**r, "filter_reason": None} for r in rows]
+    sampled = [r for r in rows if r.get("category") in policy] if on_policy else []
+    if sampled:  # before the chosen side is generated: a sampled chosen makes that generation unnecessary
+        draw = dataclasses.replace(sampling, n=pairs.samples, temperature=pairs.sample_temperature)
+        texts = [c.text for c in engine.generate([user_turns(r) for r in sampled], draw)]
+        refused = judge.refused([r["prompt"] for r in sampled for _ in range(draw.n)], texts)
+        for k, row in enumerate(sampled):
+            span = slice(k * draw.n, (k + 1) * draw.n)
+            pick_rejected(row, texts[span], list(refused[span]))
+            if row["category"] in pairs.on_policy_chosen:
+                pick_chosen(row, texts[span], list(refused[span]))
+    open_rows = [r for r in rows if r["filter_reason"] is None]
+    rows = fill_missing(open_rows, chosen_engine or engine, policy, sampling, sides=needed) + fill_missing(
+        [r for r in rows if r["filter_reason"] is not None], engine, policy, sampling, sides=()
+    )
     rows += [
         {**r, "error_field": None, "error_reason": None, "truncated_sides": 0, "filter_reason": "no pair"}
         for r in skipped
     ]
-    for row in rows:
-        row.setdefault("filter_reason", None)
-
-    def usable(row: dict) -> bool:
-        return row["error_reason"] is None and row["filter_reason"] is None
-
-    live = [r for r in rows if usable(r)]
-    if on_policy and live:
-        draw = dataclasses.replace(sampling, n=pairs.samples, temperature=pairs.sample_temperature)
-        samples = engine.generate([user_turns(r) for r in live], draw)
-        texts = [c.text for c in samples]
-        refused = judge.refused([r["prompt"] for r in live for _ in range(draw.n)], texts)
-        for k, row in enumerate(live):
-            span = slice(k * draw.n, (k + 1) * draw.n)
-            pick_rejected(row, texts[span], list(refused[span]))
-        live = [r for r in live if usable(r)]
+    live = [r for r in rows if r["error_reason"] is None and r["filter_reason"] is None]
     if pairs.judge and live:
         prompts = [r["prompt"] for r in live for _ in SIDES]
         verdicts = judge.refused(prompts, [r[side] for r in live for side in SIDES])

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from eqrlhf.config import Config
+from eqrlhf.config import PPO_LOSSES, Config
 from eqrlhf.data.schema import ROW_SCHEMA
 from eqrlhf.manifest import StageWriter, rows_path
 
@@ -43,6 +43,22 @@ def ama_on(cfg: Config) -> bool:
 
 def ref_on(cfg: Config) -> bool:
     return cfg.algorithm.reference == "precomputed"
+
+
+def scoring_needed(cfg: Config) -> bool:
+    """Offline AMA scores or precomputed reference log-probs: the score stage applies (PPO scores its own
+    rollouts)."""
+    return (ama_on(cfg) or ref_on(cfg)) and cfg.algorithm.loss not in PPO_LOSSES
+
+
+def training_input_dir(cfg: Config) -> Path:
+    """What offline training reads: ``train.input``, else this stage's output when the config scores, else
+    the pairs output. A scored folder left by another config is never read."""
+    if cfg.train.input:
+        return cfg.resolve_path(cfg.train.input)
+    if scoring_needed(cfg):
+        return cfg.stage_dir(cfg.ama.output, "scored")
+    return cfg.stage_dir(cfg.pairs.output, "pairs")
 
 
 def zscore(values: np.ndarray) -> np.ndarray:

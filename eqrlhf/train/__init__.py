@@ -19,7 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
-from eqrlhf.config import Config, ConfigError
+from eqrlhf.config import PPO_LOSSES, Config, ConfigError
+from eqrlhf.data.score import training_input_dir
 from eqrlhf.train.batching import (
     TrainInputError,
     check_input_table,
@@ -32,7 +33,7 @@ from eqrlhf.train.checkpoint import latest_checkpoint, list_checkpoints, read_tr
 from eqrlhf.train.deepspeed_config import global_batch_pairs
 from eqrlhf.train.metrics import METRICS_FILE, TB_DIR, read_metrics
 
-__all__ = ["ConfigError", "TrainInputError", "prepare_train", "resolve_input_dir", "run_train"]
+__all__ = ["ConfigError", "TrainInputError", "prepare_train", "run_train"]
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -44,15 +45,8 @@ def train_dir(cfg: Config) -> Path:
     return cfg.stage_dir(cfg.train.output, "train")
 
 
-def resolve_input_dir(cfg: Config) -> Path:
-    """``train.input``, else ``<run>/scored`` when the scoring stage ran, else ``<run>/pairs``."""
-    if cfg.train.input:
-        return cfg.resolve_path(cfg.train.input)
-    scored = cfg.run.dir / "scored"
-    return scored if (scored / "manifest.json").is_file() else cfg.run.dir / "pairs"
-
-
-def _check_settings(cfg: Config) -> None:
+def check_settings(cfg: Config) -> None:
+    """The training settings that need no data: loss name, LoRA and compile combinations."""
     from eqrlhf.algorithms.losses import LOSSES
 
     loss = cfg.algorithm.loss
@@ -90,11 +84,11 @@ def prepare_train(cfg: Config) -> dict:
     from eqrlhf.algorithms.losses import uses_ama, uses_reference
     from eqrlhf.models.loading import resolve_model_path
 
-    _check_settings(cfg)
+    check_settings(cfg)
     loss = cfg.algorithm.loss
     ama = uses_ama(loss)
     precomputed = uses_reference(loss) and cfg.algorithm.reference == "precomputed"
-    input_dir = resolve_input_dir(cfg)
+    input_dir = training_input_dir(cfg)
     if not input_dir.exists():
         raise TrainInputError(
             f"training input {input_dir} does not exist: set train.input, or run the pairs stage "
@@ -215,7 +209,6 @@ def _link_final(out: Path, checkpoint: str | None) -> str | None:
 
 def run_train(cfg: Config) -> dict:
     """Validate, train on Ray Train + DeepSpeed, write and return ``<run>/train/manifest.json``."""
-    from eqrlhf.algorithms.ppo import PPO_LOSSES
 
     if cfg.algorithm.loss in PPO_LOSSES:  # online RL: rollouts from the engine pool (eqrlhf.train.ppo)
         from eqrlhf.train.ppo import run_ppo

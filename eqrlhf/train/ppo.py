@@ -20,8 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from eqrlhf.algorithms.ppo import PPO_LOSSES
-from eqrlhf.config import Config, ConfigError
+from eqrlhf.config import PPO_LOSSES, Config, ConfigError
 from eqrlhf.train.batching import TrainInputError
 
 MAX_LISTED = 5

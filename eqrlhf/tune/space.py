@@ -93,7 +93,7 @@ def validate_objectives(cfg: Config) -> None:
         if metric in needed and kind not in kinds:
             raise ConfigError(f"sweep measures {metric}, but eval.suites has no suite of kind '{kind}'")
     if "helpfulness" in needed and sweep.helpfulness == "reward" and not cfg.eval.reward_model:
-        from eqrlhf.pipeline import reward_stage_needed
+        from eqrlhf.stages import reward_stage_needed
 
         if not reward_stage_needed(cfg):
             raise ConfigError("sweep.helpfulness=reward needs eval.reward_model (a ScalarHeadLM dir)")

@@ -107,14 +107,16 @@ def prepare_shared(cfg: Config, root: Path) -> dict:
 
     Returns the config values trials take from it (only where their config leaves them unset).
     """
-    from eqrlhf.pipeline import _scoring_needed, effective_config, reward_stage_needed, run_pipeline
+    from eqrlhf.data.score import scoring_needed
+    from eqrlhf.pipeline import run_pipeline
+    from eqrlhf.stages import effective_config, reward_stage_needed
 
     stages = [] if cfg.mix.input else ["categorize"]
     if reward_stage_needed(cfg):
         stages += ["mix", "pairs", "reward"]  # one reward model, on the base mixture, scores every trial
     share_data = data_shared(cfg)
     if share_data:
-        stages += [s for s in ("mix", "pairs") if s not in stages] + (["score"] if _scoring_needed(cfg) else [])
+        stages += [s for s in ("mix", "pairs") if s not in stages] + (["score"] if scoring_needed(cfg) else [])
     if not stages:
         return {}
     shared_cfg = cfg.model_copy(

@@ -68,9 +68,9 @@ def _with(cfg: Config, section: str, **fields) -> Config:
 
 
 def data_stages(cfg: Config) -> list[str]:
-    from eqrlhf.pipeline import _scoring_needed
+    from eqrlhf.data.score import scoring_needed
 
-    return ["mix", "pairs"] + (["score"] if _scoring_needed(cfg) else [])
+    return ["mix", "pairs"] + (["score"] if scoring_needed(cfg) else [])
 
 
 def evaluate_checkpoint(cfg: Config, step: int) -> dict:
