@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -502,22 +502,32 @@ class Config(Section):
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of ``model``; list items of a section appear as ``<list>.*.<key>``."""
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
         ann = field.annotation
+        item = get_args(ann)[0] if get_origin(ann) is list and get_args(ann) else None
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys.extend(_valid_keys(ann, prefix + name + "."))
+        elif isinstance(item, type) and issubclass(item, BaseModel):
+            keys.extend(_valid_keys(item, prefix + name + ".*."))
     return keys
 
 
 def _suggest(bad: str) -> str:
-    close = difflib.get_close_matches(bad, _valid_keys(Config), n=1, cutoff=0.5)
+    parts = bad.split(".")
+    pattern = ".".join("*" if p.isdigit() else p for p in parts)  # data.sources.0.feilds -> data.sources.*.feilds
+    valid = _valid_keys(Config)
+    close = difflib.get_close_matches(pattern, valid, n=1, cutoff=0.5)
     if not close:  # try matching only the last component within the same section
-        head, _, tail = bad.rpartition(".")
-        siblings = [k for k in _valid_keys(Config) if k.rpartition(".")[0] == head]
+        head, _, tail = pattern.rpartition(".")
+        siblings = [k for k in valid if k.rpartition(".")[0] == head]
         close = difflib.get_close_matches(head + "." + tail if head else tail, siblings, n=1, cutoff=0.4)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    if not close:
+        return ""
+    indices = iter(p for p in parts if p.isdigit())
+    return f" (did you mean '{'.'.join(next(indices, '0') if p == '*' else p for p in close[0].split('.'))}'?)"
 
 
 def _parse_scalar(text: str) -> Any:

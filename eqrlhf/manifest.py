@@ -22,8 +22,12 @@ ROWS_DIR = "rows"
 ERRORS = "errors.jsonl"
 
 
-class ErrorBudgetExceeded(RuntimeError):
-    pass
+class ErrorBudgetExceeded(ValueError):
+    """More rows failed than ``data.error_budget`` allows: the input is wrong (the CLI exits 2)."""
+
+
+class NothingWritten(ValueError):
+    """A stage read rows and wrote none; the message names the reason counted most."""
 
 
 class StageWriter:
@@ -42,6 +46,7 @@ class StageWriter:
         self.by_source: Counter = Counter()
         self.filtered: Counter = Counter()
         self.failed: Counter = Counter()
+        self.failed_fields: Counter = Counter()  # (source, file, field, reason code) of each error
         self.extra: dict = {}
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
@@ -83,7 +88,9 @@ class StageWriter:
 
     def write_errors(self, errors: list[dict]) -> None:
         for err in errors:
-            self.failed[err.get("reason_code") or err["reason"].split(":")[0]] += 1
+            code = err.get("reason_code") or err["reason"].split(":")[0]
+            self.failed[code] += 1
+            self.failed_fields[(err.get("source"), err.get("file"), err.get("field"), code)] += 1
             self._errors.write(json.dumps(err, ensure_ascii=False, default=str) + "\n")
 
     def side_output(self, name: str, rows: list[dict]) -> None:
@@ -99,13 +106,32 @@ class StageWriter:
     def check_budget(self, budget: float) -> None:
         total = max(self.read, 1)
         errors = sum(self.failed.values())
-        if errors / total > budget:
+        if errors / total <= budget:
+            return
+        head = f"{self.stage}: {errors} of {self.read} rows failed ({errors / total:.1%}, error budget {budget:.1%})"
+        (source, file, field, code), n = self.failed_fields.most_common(1)[0]
+        if n == errors and code == "missing_field":  # one column every row lacks: a mapping problem
             raise ErrorBudgetExceeded(
-                f"{self.stage}: {errors} of {self.read} rows failed ({errors / total:.1%}), over the error budget "
-                f"of {budget:.1%}; see {self.dir / ERRORS} (raise data.error_budget to accept)"
+                f"{head}: every one lacks field '{field}' in source '{source}' ({file}), so the file's columns "
+                f"do not match what the adapter reads: map them with data.sources[].fields (docs/your-data.md); "
+                f"rows in {self.dir / ERRORS}"
             )
+        raise ErrorBudgetExceeded(f"{head}; see {self.dir / ERRORS} (raise data.error_budget to accept)")
 
-    def close(self, **extra) -> dict:
+    def close(self, hints: dict[str, str] | None = None, **extra) -> dict:
+        """Write the manifest and return it. A stage that read rows and wrote none raises NothingWritten
+        naming the reason counted most (with ``hints[reason]``, what to change) and writes no manifest, so
+        no later stage reads the empty output."""
+        if self.read and not self.written:
+            reasons = self.filtered + self.failed + Counter(extra.get("unparsed_by_kind") or {})
+            top, n = reasons.most_common(1)[0] if reasons else ("no reason counted", self.read)
+            hint = (hints or {}).get(top)
+            self._errors.close()
+            raise NothingWritten(
+                f"{self.stage}: wrote 0 of {self.read} rows; {n} of {self.read}: {top}"
+                + (f": {hint}" if hint else "")
+                + f" (counts: {dict(reasons)}; details in {self.dir})"
+            )
         self._flush()
         self._errors.close()
         for fh in self._side.values():

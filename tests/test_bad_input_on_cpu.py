@@ -175,7 +175,48 @@ def test_error_budget_fails_the_stage_after_writing_errors(tmp_path, ray_local):
     cfg = config(tmp_path, JSONL, CSV, error_budget=0.5)
     cfg.categorize.label_map = {"benign": "none"}
     out = tmp_path / "bad" / "categorized"
-    with pytest.raises(ErrorBudgetExceeded, match=r"11 of 17 rows failed \(64.7%\), over the error budget of 50.0%"):
+    with pytest.raises(ErrorBudgetExceeded, match=r"11 of 17 rows failed \(64.7%, error budget 50.0%\); see .*raise"):
         run_categorize(cfg)
     assert len((out / ERRORS).read_text().splitlines()) == 11
     assert not (out / MANIFEST).exists()  # a failed stage leaves nothing a later stage would read as done
+
+
+def _own_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A new user's CSV whose labels the config does not map, and a JSONL whose prompt column is misspelled."""
+    csv_file = tmp_path / "mine.csv"
+    csv_file.write_text("id,prompt,label\n" + "".join(f"{k},question number {k},benignish\n" for k in range(40)))
+    jsonl_file = tmp_path / "mine.jsonl"
+    jsonl_file.write_text("".join(json.dumps({"id": k, "promt": f"question {k}"}) + "\n" for k in range(40)))
+    return csv_file, jsonl_file
+
+
+def test_a_stage_that_writes_nothing_fails_naming_the_reason(tmp_path, ray_local, capsys):
+    from eqrlhf.cli import main
+
+    csv_file, _ = _own_files(tmp_path)
+    args = [
+        "categorize",
+        f"run.output_dir={tmp_path}",
+        "run.name=mine",
+        "data.sources=[{name: mine, path: PATH, fields: {id: id, prompt: prompt, label: label}}]",
+    ]
+    args[-1] = args[-1].replace("PATH", str(csv_file))
+    assert main([*args, "categorize.harmful_category=null"]) == 2
+    err = capsys.readouterr().err
+    assert "categorize: wrote 0 of 40 rows; 40 of 40: unmapped label" in err, err
+    assert "set categorize.label_map or categorize.default_category" in err
+    assert not (tmp_path / "mine" / "categorized" / MANIFEST).exists()
+    # the next stage then says the previous one did not finish, not "set mix.with_replacement"
+    assert main(["mix", f"run.output_dir={tmp_path}", "run.name=mine", "mix.counts={EHD: 1}"]) == 2
+    assert "run the previous stage first" in capsys.readouterr().err
+
+
+def test_a_column_every_row_lacks_points_at_the_fields_mapping(tmp_path, ray_local, capsys):
+    from eqrlhf.cli import main
+
+    _, jsonl_file = _own_files(tmp_path)
+    source = f"data.sources=[{{name: mine, path: {jsonl_file}, fields: {{id: id, prompt: prompt}}}}]"
+    assert main(["categorize", f"run.output_dir={tmp_path}", "run.name=mine", source]) == 2
+    err = capsys.readouterr().err
+    assert "40 of 40 rows failed" in err and "every one lacks field 'prompt' in source 'mine'" in err, err
+    assert "data.sources[].fields" in err and "raise data.error_budget" not in err

@@ -71,3 +71,10 @@ def test_overrides_reach_list_items_and_a_bad_index_is_named():
         load_config("configs/quickstart.yaml", ["data.sources.2.path=x"])
     with pytest.raises(ConfigError, match=r"'run.name' is not a section"):
         load_config("configs/quickstart.yaml", ["run.name.first=x"])
+
+
+def test_a_misspelled_key_inside_a_list_item_gets_the_nested_suggestion():
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'data.sources.0.feilds' \(did you mean 'data.sources.0.fields'\?\)"
+    ):
+        load_config("configs/quickstart.yaml", ["data.sources=[{name: a, path: x.jsonl, feilds: {prompt: q}}]"])

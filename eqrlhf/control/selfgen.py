@@ -215,7 +215,7 @@ def check_control_data(cfg: Config) -> dict:
 def sample_and_score(cfg: Config, model: str, prompts: list[dict]) -> tuple[list[str], dict[str, list[float]]]:
     """k completions per prompt (prompt-major) through the rollout pool, then their attribute scores."""
     from eqrlhf.control.scorers import Scorers
-    from eqrlhf.evaluate import generate
+    from eqrlhf.evaluate.generation import generate
     from eqrlhf.rollout import Sampling
 
     c = cfg.control

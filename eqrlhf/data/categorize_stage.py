@@ -147,7 +147,7 @@ def _undecided_kind(reason: str) -> str:
 
 def run_categorize(cfg: Config) -> dict:
     """Validate, read, categorize and write; returns the manifest (also printed as a summary)."""
-    from eqrlhf.data.categorizers import add_categories, input_block_rows, validate_categorizer
+    from eqrlhf.data.categorizers import UNMAPPED_LABEL, add_categories, input_block_rows, validate_categorizer
     from eqrlhf.ray_utils import init_ray
 
     started = time.time()
@@ -182,6 +182,7 @@ def run_categorize(cfg: Config) -> dict:
         print("first errors:\n  " + "\n  ".join(format_error(e) for e in first_errors))
         raise
     manifest = writer.close(
+        hints={UNMAPPED_LABEL: "set categorize.label_map or categorize.default_category (docs/your-data.md)"},
         method=cfg.categorize.method,
         sources=[p.source for p in plans],
         duplicates=dups.count,

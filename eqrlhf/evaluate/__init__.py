@@ -112,6 +112,7 @@ def evaluate_model(cfg: Config, model_path: str | None = None, tag: str | None =
       log-likelihoods, reward; ``judges``: which judges were used and their validation numbers;
       ``suites``: sources and read/skip/error counts; ``sampling``, ``engine``, ``seconds``, ``out_dir``.
     """
+    from eqrlhf.evaluate.generation import generate
     from eqrlhf.evaluate.helpfulness import helpfulness_numbers
     from eqrlhf.evaluate.judges import Judges, refusal_judge_for, score_completions
     from eqrlhf.evaluate.leakage import LeakageCheck, fail_on_leaks
@@ -177,23 +178,6 @@ def training_dirs(cfg: Config) -> list[Path]:
         if not (d / MANIFEST).is_file():
             raise FileNotFoundError(f"eval.training_data[{i}]: no stage output (manifest.json) in {d}")
     return dirs
-
-
-def generate(cfg: Config, model_path: str, rows: list[dict], sampling) -> list:
-    """Completions in prompt order from an EnginePool on ``model_path``, in chunks so progress shows."""
-    from tqdm.auto import tqdm
-
-    from eqrlhf.data.tokenize import prompt_messages
-    from eqrlhf.rollout.pool import EnginePool
-
-    chunk = cfg.generation.batch_size * cfg.rollout.num_engines * 4  # every engine busy with full batches
-    out = []
-    with EnginePool(cfg, model_path) as pool, tqdm(total=len(rows), desc="evaluate: generating", unit="prompt") as bar:
-        for start in range(0, len(rows), chunk):
-            part = pool.generate([prompt_messages(r) for r in rows[start : start + chunk]], sampling)
-            out.extend(part)
-            bar.update(len(part))
-    return out
 
 
 @contextlib.contextmanager

@@ -101,7 +101,7 @@ def summarize_records(records: list[dict], levels: dict[str, int], edges: dict) 
 
 
 def _generate(cfg: Config, model: str, rows: list[dict], sampling) -> list[str]:
-    from eqrlhf.evaluate import generate
+    from eqrlhf.evaluate.generation import generate
 
     return [c.text for c in generate(cfg, model, rows, sampling)]
 

@@ -221,6 +221,7 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
             trust_remote_code=trust_remote_code,
+            load_format="safetensors",  # never unpickle a checkpoint's .bin/.pt files
             logprobs_mode="processed_logprobs",
             worker_extension_cls=EXTENSION,
             **memory,

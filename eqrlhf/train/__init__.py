@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,20 +28,20 @@ from eqrlhf.train.batching import (
     required_columns,
     steps_per_epoch,
 )
-from eqrlhf.train.checkpoint import latest_checkpoint, list_checkpoints, read_trainer_state
+from eqrlhf.train.checkpoint import list_checkpoints, read_trainer_state
 from eqrlhf.train.deepspeed_config import global_batch_pairs
+from eqrlhf.train.driver import (
+    CHECKPOINTS,
+    MANIFEST,
+    link_final,
+    resume_checkpoint,
+    scaling_config,
+    train_dir,
+    worker_env,
+)
 from eqrlhf.train.metrics import METRICS_FILE, TB_DIR, read_metrics
 
 __all__ = ["ConfigError", "TrainInputError", "prepare_train", "run_train"]
-
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
-FINAL = "final"
-FORWARDED_ENV_PREFIXES = ("EQRLHF_", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def train_dir(cfg: Config) -> Path:
-    return cfg.stage_dir(cfg.train.output, "train")
 
 
 def check_settings(cfg: Config) -> None:
@@ -59,24 +58,6 @@ def check_settings(cfg: Config) -> None:
     if cfg.train.compile and cfg.train.zero_stage == 3:
         # ZeRO-3 gathers each layer's weights in module hooks, which would split every compiled graph
         raise ConfigError("train.compile=true needs train.zero_stage 0, 1 or 2 (ZeRO-3 is not supported)")
-
-
-def _resume_checkpoint(cfg: Config, out: Path) -> Path | None:
-    if cfg.train.resume_from:
-        path = cfg.resolve_path(cfg.train.resume_from).resolve()
-        if path.is_relative_to(out.resolve()):
-            raise ConfigError(
-                f"train.resume_from={path} lies inside this run's own output {out}: "
-                "use train.resume=true to continue its newest checkpoint, or set train.output elsewhere"
-            )
-        read_trainer_state(path)  # raises with a clear message when it is not a complete checkpoint
-        return path
-    if cfg.train.resume:
-        latest = latest_checkpoint(out / CHECKPOINTS)
-        if latest is None:
-            raise ConfigError(f"train.resume=true but there is no complete checkpoint under {out / CHECKPOINTS}")
-        return latest
-    return None
 
 
 def prepare_train(cfg: Config) -> dict:
@@ -110,7 +91,7 @@ def prepare_train(cfg: Config) -> dict:
         )
     total = cfg.train.max_steps or cfg.train.epochs * per_epoch
     out = train_dir(cfg)
-    resume_from = _resume_checkpoint(cfg, out)
+    resume_from = resume_checkpoint(cfg, out)
     start = 0
     if resume_from is not None:
         state = read_trainer_state(resume_from)
@@ -139,19 +120,6 @@ def prepare_train(cfg: Config) -> dict:
     }
 
 
-def _worker_env() -> dict:
-    # cache locations, offline switches and test hooks must reach the worker processes
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-
-
-def scaling_config(train):
-    """Ray Train workers: ``train.cpus_per_worker`` CPUs each and, with ``use_gpu``, ``gpus_per_worker`` GPUs."""
-    from ray.train import ScalingConfig
-
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if train.use_gpu else {})}
-    return ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources)
-
-
 def build_trainer(cfg: Config, plan: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -168,7 +136,7 @@ def build_trainer(cfg: Config, plan: dict):
             storage_path=plan["train_dir"],
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": worker_env()},
         ),
     )
 
@@ -194,17 +162,6 @@ def summary_text(manifest: dict) -> str:
             f"  metrics: {manifest['metrics_file']} (TensorBoard: {manifest['tensorboard']})",
         ]
     )
-
-
-def _link_final(out: Path, checkpoint: str | None) -> str | None:
-    """``<train dir>/final``: a stable path to the newest checkpoint, for configs of later stages."""
-    if checkpoint is None:
-        return None
-    final = out / FINAL
-    if final.is_symlink():
-        final.unlink()
-    final.symlink_to(os.path.relpath(checkpoint, out))
-    return str(final)
 
 
 def run_train(cfg: Config) -> dict:
@@ -256,7 +213,7 @@ def run_train(cfg: Config) -> dict:
         "metrics_file": str(out / METRICS_FILE),
         "tensorboard": str(out / TB_DIR),
     }
-    manifest["final"] = _link_final(out, manifest["final_checkpoint"])
+    manifest["final"] = link_final(out, manifest["final_checkpoint"])
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     print(summary_text(manifest), flush=True)
     return manifest

@@ -22,6 +22,15 @@ from pathlib import Path
 
 from eqrlhf.config import PPO_LOSSES, Config, ConfigError
 from eqrlhf.train.batching import TrainInputError
+from eqrlhf.train.driver import (
+    CHECKPOINTS,
+    MANIFEST,
+    link_final,
+    resume_checkpoint,
+    scaling_config,
+    train_dir,
+    worker_env,
+)
 
 MAX_LISTED = 5
 
@@ -154,7 +163,6 @@ def _batch_plan(cfg: Config) -> dict:
 def prepare_ppo(cfg: Config) -> dict:
     """Validate config and inputs without Ray; return the plan every worker receives (plain JSON data)."""
     from eqrlhf.models.loading import load_tokenizer, resolve_model_path
-    from eqrlhf.train import _resume_checkpoint, train_dir
     from eqrlhf.train.checkpoint import read_trainer_state
 
     _check_algorithm(cfg)
@@ -167,7 +175,7 @@ def prepare_ppo(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file)
     valid, too_long = check_prompts(cfg, input_dir, tokenizer)
     out = train_dir(cfg)
-    resume_from = _resume_checkpoint(cfg, out)
+    resume_from = resume_checkpoint(cfg, out)
     start = 0
     if resume_from is not None:
         state = read_trainer_state(resume_from)
@@ -197,7 +205,6 @@ def build_ppo_trainer(cfg: Config, plan: dict, pool):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from eqrlhf.train import CHECKPOINTS, _worker_env, scaling_config
     from eqrlhf.train.ppo_loop import ppo_loop_per_worker
 
     train = cfg.train
@@ -211,7 +218,7 @@ def build_ppo_trainer(cfg: Config, plan: dict, pool):
             storage_path=plan["train_dir"],
             failure_config=FailureConfig(max_failures=train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train.keep_checkpoints),
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": worker_env()},
         ),
     )
 
@@ -249,7 +256,6 @@ def summary_text(manifest: dict) -> str:
 def run_ppo(cfg: Config, pool=None) -> dict:
     """Validate, start the engine pool (unless ``pool`` is given), train, write ``manifest.json``."""
     from eqrlhf.ray_utils import init_ray
-    from eqrlhf.train import CHECKPOINTS, MANIFEST, _link_final
     from eqrlhf.train.checkpoint import list_checkpoints
     from eqrlhf.train.metrics import METRICS_FILE, read_metrics
 
@@ -301,7 +307,7 @@ def run_ppo(cfg: Config, pool=None) -> dict:
         "final_checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
         "metrics_file": str(out / METRICS_FILE),
     }
-    manifest["final"] = _link_final(out, manifest["final_checkpoint"])
+    manifest["final"] = link_final(out, manifest["final_checkpoint"])
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     print(summary_text(manifest), flush=True)
     return manifest

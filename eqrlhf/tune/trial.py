@@ -56,8 +56,8 @@ def trial_metrics(summary: dict, cfg: Config, step: int, total_steps: int, plann
 
 def trained_steps(cfg: Config) -> int:
     """Step of the newest complete checkpoint in the trial's train dir (0 when there is none)."""
-    from eqrlhf.train import train_dir
     from eqrlhf.train.checkpoint import latest_checkpoint, read_trainer_state
+    from eqrlhf.train.driver import train_dir
 
     latest = latest_checkpoint(train_dir(cfg) / "checkpoints")
     return read_trainer_state(latest)["step"] if latest else 0
@@ -77,8 +77,8 @@ def evaluate_checkpoint(cfg: Config, step: int) -> dict:
     """The evaluation after ``step`` steps, reusing one already written by an earlier attempt of this trial."""
     from eqrlhf.evaluate import evaluate_model
     from eqrlhf.pipeline_report import flat_summary
-    from eqrlhf.train import train_dir
     from eqrlhf.train.checkpoint import checkpoint_dir_name
+    from eqrlhf.train.driver import train_dir
 
     tag = checkpoint_dir_name(step)
     done = cfg.stage_dir(cfg.eval.output, "eval") / tag / "eval.json"
