@@ -8,7 +8,9 @@ Layout of ``<run>/train/checkpoints/step_N/`` (Ray Train merges what each worker
   Reward and cost models are written by ``ScalarHeadLM.save`` (backbone + ``score_head.safetensors``).
 - ``deepspeed/state/``: DeepSpeed's own optimizer, scheduler and ZeRO partition files, one per rank. These
   are DeepSpeed's ``torch.save`` files (the only non-safetensors files we write; they are what DeepSpeed
-  needs to continue bit-exactly and are only ever read back by ``engine.load_checkpoint``).
+  needs to continue bit-exactly and are only ever read back by ``engine.load_checkpoint``, through
+  :func:`refuse_pickled_code`: torch's weights-only unpickler with three DeepSpeed classes allowed, so a
+  planted pickle in a checkpoint on shared storage is refused instead of run).
 - ``trainer_state.json``: step, epoch, step within the epoch, rows seen, seed, world size. Written last
   by rank 0, so a directory without it is an incomplete checkpoint.
 """
@@ -156,9 +158,48 @@ def save_training_checkpoint(engine, out_dir: Path, state: dict, tokenizer, rank
         (out_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds objects other than tensors, plain containers and the allowed classes."""
+
+
+def _allowed_classes() -> list:
+    # the non-tensor objects DeepSpeed's optimizer files hold (found by loading real ZeRO-1/2 checkpoints
+    # with weights_only=True): the loss scaler, the ZeRO stage enum, and tensor fragment addresses
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_without_code(path: str | Path, map_location=None):
+    """``torch.load`` that executes nothing: tensors, containers and the allowed classes only."""
+    import pickle
+
+    import torch  # imported on use: this module is also read by the light driver-side code
+
+    try:
+        with torch.serialization.safe_globals(_allowed_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        reason = lines[0] if lines else str(err).splitlines()[0]
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: the file holds a pickled object that is not a tensor or an allowed "
+            f"class, and loading it could run code ({reason}); delete the checkpoint or resume from another"
+        ) from None
+
+
+def refuse_pickled_code(engine) -> None:
+    """Every file ``engine.load_checkpoint`` reads goes through its checkpoint engine's ``load``, which
+    DeepSpeed implements as ``torch.load(weights_only=False)``: route it through :func:`load_without_code`."""
+    engine.checkpoint_engine.load = load_without_code
+
+
 def load_training_checkpoint(engine, path: Path) -> dict:
     """Restore model, optimizer and scheduler state into ``engine``; return the trainer state."""
     state = read_trainer_state(path)
+    refuse_pickled_code(engine)
     load_path, _ = engine.load_checkpoint(str(Path(path) / DS_DIR), tag=DS_TAG)
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no state under {Path(path) / DS_DIR}/{DS_TAG}")

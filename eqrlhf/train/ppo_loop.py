@@ -35,6 +35,7 @@ from eqrlhf.train.checkpoint import (
     checkpoint_dir_name,
     load_resume_state,
     load_training_checkpoint,
+    refuse_pickled_code,
     save_model_weights,
     save_training_checkpoint,
     trainer_state,
@@ -286,6 +287,7 @@ def save_ppo_checkpoint(models: Models, iteration: int, state: dict, metrics: di
 def _load_all(models: Models, path: Path) -> dict:
     state = load_training_checkpoint(models.policy, path)
     for name, engine in critic_engines(models).items():
+        refuse_pickled_code(engine)
         load_path, _ = engine.load_checkpoint(str(path / f"{name}_deepspeed"), tag=DS_TAG)
         if load_path is None:
             raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed state for the {name} ({name}_deepspeed/)")
