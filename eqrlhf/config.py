@@ -26,6 +26,8 @@ from pydantic import (
     field_validator,
 )
 
+from eqrlhf.algorithms.catalog import loss_info
+
 CATEGORIES = ("EHD", "IHD", "MHD", "none")
 
 
@@ -183,16 +185,19 @@ class ModelSection(Section):
     max_length: int = Field(512, ge=16)
 
 
-PPO_LOSSES = ("ppo", "ppo_lagrangian")  # online RL (eqrlhf.train.ppo): rollouts from the engine pool
-
-
 class AlgorithmSection(Section):
-    loss: str = "dpo"  # a name in eqrlhf.algorithms.losses.LOSSES
+    loss: str = "dpo"  # a name in eqrlhf.algorithms.catalog.CATALOG
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cdpo
     bfpo_alpha: float = 0.5
     bfpo_tau: float = Field(0.01, gt=0)
     reference: Literal["precomputed", "in_trainer"] = "in_trainer"
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, loss: str) -> str:
+        loss_info(loss)  # a ValueError naming the closest known loss
+        return loss
 
 
 class AmaSection(Section):

@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from eqrlhf.config import PPO_LOSSES, AlgorithmSection, Config
+from eqrlhf.algorithms.catalog import ONLINE
+from eqrlhf.config import AlgorithmSection, Config
 from eqrlhf.data.categorize_stage import run_categorize
 from eqrlhf.data.categorizers import validate_categorizer
 from eqrlhf.data.mix import run_mix, validate_mix
@@ -28,6 +29,7 @@ from eqrlhf.data.sources import validate_sources
 from eqrlhf.evaluate.suites import validate_suites
 from eqrlhf.pipeline_report import EVALUATE_KEYS, evaluate_before_after
 from eqrlhf.rollout import check_engine
+from eqrlhf.train.driver import check_settings
 
 
 @dataclass(frozen=True)
@@ -128,12 +130,6 @@ def run_reward(cfg: Config) -> dict:
     return run_train(reward_config(cfg))
 
 
-def check_train(cfg: Config) -> None:
-    from eqrlhf.train import check_settings  # imported on use, as in run_train
-
-    check_settings(cfg)
-
-
 def _check_categorize(cfg: Config) -> None:
     validate_sources(cfg)
     validate_categorizer(cfg)
@@ -183,13 +179,13 @@ def _pairs_inputs(cfg: Config) -> list[Path]:
 
 def _train_reads(cfg: Config) -> tuple[str, ...]:
     keys = ("train", "algorithm", "model", "run.seed")
-    if cfg.algorithm.loss in PPO_LOSSES:
+    if cfg.algorithm.loss in ONLINE:
         return keys + ("ppo", "ama", "generation", "rollout")
     return keys + ("ama.rule", "ama.tau", "ama.baseline", "ama.baseline_mode", "control.clm_weight")
 
 
 def _train_inputs(cfg: Config) -> list[Path]:
-    if cfg.algorithm.loss in PPO_LOSSES:
+    if cfg.algorithm.loss in ONLINE:
         files = [cfg.stage_dir(cfg.ppo.input, "mixture"), *_local(cfg, cfg.ppo.reward_model, cfg.ppo.cost_model)]
     else:
         files = [training_input_dir(cfg)]
@@ -243,7 +239,7 @@ PIPELINE = [
         lambda c: [c.stage_dir(c.pairs.output, "pairs"), *_local(c, c.model.name_or_path)],
         reward_model_dir,
         reward_stage_needed,
-        check=lambda c: check_train(reward_config(c)),
+        check=lambda c: check_settings(reward_config(c)),
     ),
     Stage(
         "score",
@@ -264,7 +260,7 @@ PIPELINE = [
         _train_reads,
         _train_inputs,
         lambda c: c.stage_dir(c.train.output, "train"),
-        check=check_train,
+        check=check_settings,
     ),
     Stage(
         "evaluate",

@@ -131,7 +131,7 @@ def test_exmate_by_hand():
     assert loss.item() == pytest.approx(2.7282058, abs=1e-6)
     assert metrics["rewards/accuracy"].item() == 0.5
     assert metrics["exmate/clm"].item() == pytest.approx(1.125)
-    assert not LOSSES["exmate"].uses_reference
+    assert not LOSSES["exmate"].info.uses_reference
 
 
 def test_exmate_contrastive_term_is_the_two_way_softmax():
@@ -151,7 +151,7 @@ def test_clm_is_the_sft_loss():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     clm, _ = compute_loss("clm", LossInputs(token_logps=logps, token_mask=mask))
     assert clm.item() == pytest.approx((1 + 2 + 4) / 3)
-    assert LOSSES["clm"].units == "tokens" and not LOSSES["clm"].uses_reference
+    assert LOSSES["clm"].info.units == "tokens" and not LOSSES["clm"].info.uses_reference
 
 
 def test_trainer_step_exmate_uses_no_reference(tmp_path):

@@ -8,16 +8,9 @@ from collections import defaultdict
 import pytest
 import torch
 
+from eqrlhf.algorithms.catalog import CATALOG, loss_info
 from eqrlhf.algorithms.logprobs import masked_sum, shift_for_causal_lm, token_logprobs
-from eqrlhf.algorithms.losses import (
-    LOSSES,
-    LossInputs,
-    base_loss,
-    compute_loss,
-    reduction_units,
-    uses_ama,
-    uses_reference,
-)
+from eqrlhf.algorithms.losses import LOSSES, PAIR_LOGPS, LossInputs, compute_loss, reduction_units, register
 from eqrlhf.models.loading import tiny_llama
 
 
@@ -136,14 +129,23 @@ def test_registry_names_and_errors():
         "reward",
         "cost",
     }
-    assert uses_reference("ama_dpo") and uses_reference("bfpo") and not uses_reference("sft")
-    assert not uses_reference("reward") and not uses_reference("cost")
-    assert uses_ama("ama_ipo") and not uses_ama("ipo") and uses_ama("ama_sft")
-    assert base_loss("ama_cdpo") == "cdpo" and base_loss("bfpo") == "bfpo"
+    # every offline loss the catalog declares has a function, and only those
+    assert set(LOSSES) == {name for name, info in CATALOG.items() if info.kind != "online"}
+    assert (
+        loss_info("ama_dpo").uses_reference and loss_info("bfpo").uses_reference and not loss_info("sft").uses_reference
+    )
+    assert not loss_info("reward").uses_reference and not loss_info("cost").uses_reference
+    assert loss_info("ama_ipo").ama and not loss_info("ipo").ama and loss_info("ama_sft").ama
+    assert loss_info("bfpo").safety_labels and loss_info("cost").safety_labels and not loss_info("dpo").safety_labels
+    assert LOSSES["sft"].info.units == "tokens" and LOSSES["dpo"].info.units == "pairs"
     with pytest.raises(KeyError, match=r"unknown loss 'ama_dop'.*did you mean 'ama_dpo'"):
         compute_loss("ama_dop", pair_inputs())
-    with pytest.raises(KeyError, match="known losses are"):
-        uses_reference("ppo")
+    with pytest.raises(ValueError, match=r"unknown loss 'ppp' \(did you mean 'ppo'\?\); known losses:"):
+        loss_info("ppp")
+    with pytest.raises(ValueError, match="not declared|unknown loss 'mine'"):
+        register("mine", requires=PAIR_LOGPS)(lambda inputs, p: None)
+    with pytest.raises(ValueError, match="online"):
+        register("ppo", requires=PAIR_LOGPS)(lambda inputs, p: None)
     with pytest.raises(TypeError, match=r"unknown parameter\(s\) \['betta'\]"):
         compute_loss("dpo", pair_inputs(), betta=0.1)
     short = pair_inputs()

@@ -146,12 +146,18 @@ def test_the_pipeline_reports_every_stage_problem_before_any_stage_runs(base):
     from eqrlhf.pipeline import run_pipeline
 
     overrides, _ = base
-    bad = [*overrides, "mix.counts={}", "algorithm.loss=ama_dop", "data.sources.0.path=/nowhere/corpus.jsonl"]
+    bad = [
+        *overrides,
+        "mix.counts={}",
+        "train.compile=true",
+        "train.zero_stage=3",
+        "data.sources.0.path=/nowhere/x.jsonl",
+    ]
     with pytest.raises(ConfigError) as err:
         run_pipeline(load_config(CONFIG, bad))
     text = str(err.value)
     assert "3 problem(s)" in text, text
-    assert "categorize: " in text and "/nowhere/corpus.jsonl" in text
+    assert "categorize: " in text and "/nowhere/x.jsonl" in text
     assert "mix: the mix asks for no rows" in text
-    assert "train: algorithm.loss: unknown loss 'ama_dop' (did you mean 'ama_dpo'?)" in text
+    assert "train: train.compile=true needs train.zero_stage 0, 1 or 2" in text
     assert not load_config(CONFIG, overrides).run.dir.exists()  # nothing was written

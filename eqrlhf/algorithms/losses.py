@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from eqrlhf.algorithms.catalog import LossInfo, loss_info
 from eqrlhf.algorithms.logprobs import masked_sum
 
 
@@ -63,9 +64,8 @@ LossFn = Callable[[LossInputs, LossParams], tuple[Tensor, dict[str, Tensor]]]
 @dataclass(frozen=True)
 class LossSpec:
     fn: LossFn
-    requires: tuple[str, ...]
-    uses_reference: bool
-    units: str  # "pairs" or "tokens": what the loss averages over
+    requires: tuple[str, ...]  # LossInputs fields the function reads
+    info: LossInfo  # what the loss needs from the data and the trainer (eqrlhf.algorithms.catalog)
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -76,13 +76,16 @@ SAFETY = ("chosen_safe", "rejected_safe")
 TOKENS = ("token_logps", "token_mask")
 
 
-def register(name: str, *, requires: tuple[str, ...], uses_reference: bool, units: str = "pairs"):
-    """Add a loss function to ``LOSSES`` under ``name``."""
+def register(name: str, *, requires: tuple[str, ...]):
+    """Add a loss function to ``LOSSES`` under ``name``, a name declared in the catalog."""
 
     def decorator(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
-        LOSSES[name] = LossSpec(fn, requires, uses_reference, units)
+        info = loss_info(name)  # raises for a name the catalog does not declare
+        if info.kind == "online":
+            raise ValueError(f"loss {name!r} is an online (PPO) loss: eqrlhf.algorithms.ppo computes it")
+        LOSSES[name] = LossSpec(fn, requires, info)
         return fn
 
     return decorator
@@ -96,27 +99,10 @@ def _spec(name: str) -> LossSpec:
     return LOSSES[name]
 
 
-def uses_reference(name: str) -> bool:
-    """Whether the loss needs reference-model log-probs."""
-    return _spec(name).uses_reference
-
-
-def uses_ama(name: str) -> bool:
-    """Whether the config selects AMA masking (names ``ama_<base>``)."""
-    _spec(name)
-    return name.startswith("ama_")
-
-
-def base_loss(name: str) -> str:
-    """The loss without its AMA prefix: ``ama_dpo`` -> ``dpo``."""
-    _spec(name)
-    return name.removeprefix("ama_")
-
-
 def reduction_units(name: str, inputs: LossInputs) -> Tensor:
     """How many units the loss averages over: pairs in the batch, or kept tokens for sft (see module doc)."""
     spec = _spec(name)
-    if spec.units == "tokens":
+    if spec.info.units == "tokens":
         return inputs.token_mask.float().sum()
     return torch.tensor(float(len(getattr(inputs, spec.requires[0]))))
 
@@ -192,11 +178,11 @@ def _cdpo(inputs: LossInputs, p: LossParams) -> tuple[Tensor, dict[str, Tensor]]
 
 # The ama_ variants run the same math: the caller sums log-probs under the AMA mask (docs/method.md section 2.5).
 for _name, _fn in (("dpo", _dpo), ("ipo", _ipo), ("cdpo", _cdpo)):
-    register(_name, requires=PAIR_LOGPS, uses_reference=True)(_fn)
-    register(f"ama_{_name}", requires=PAIR_LOGPS, uses_reference=True)(_fn)
+    register(_name, requires=PAIR_LOGPS)(_fn)
+    register(f"ama_{_name}", requires=PAIR_LOGPS)(_fn)
 
 
-@register("bfpo", requires=PAIR_LOGPS + SAFETY, uses_reference=True)
+@register("bfpo", requires=PAIR_LOGPS + SAFETY)
 def _bfpo(inputs: LossInputs, p: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
     """BFPO (Zhang et al. 2024, arXiv 2408.15313): mean of (h - g / tau)^2.
 
@@ -233,13 +219,13 @@ def _sft(inputs: LossInputs, p: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
     return loss, {"loss": loss.detach(), "sft/tokens": tokens}
 
 
-register("sft", requires=TOKENS, uses_reference=False, units="tokens")(_sft)
-register("ama_sft", requires=TOKENS, uses_reference=False, units="tokens")(_sft)
+register("sft", requires=TOKENS)(_sft)
+register("ama_sft", requires=TOKENS)(_sft)
 # controllable generation (eqrlhf.control): conditional LM = sft on rows whose prompt carries control tags
-register("clm", requires=TOKENS, uses_reference=False, units="tokens")(_sft)
+register("clm", requires=TOKENS)(_sft)
 
 
-@register("exmate", requires=("policy_chosen_logps", "policy_rejected_logps", "chosen_lengths"), uses_reference=False)
+@register("exmate", requires=("policy_chosen_logps", "policy_rejected_logps", "chosen_lengths"))
 def _exmate(inputs: LossInputs, p: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
     """Pairwise reading of ExMATE (Tuan et al. 2024, arXiv 2404.01295): policy only, no reference.
 
@@ -280,7 +266,7 @@ def _score_metrics(loss: Tensor, inputs: LossInputs, correct: Tensor) -> dict[st
     }
 
 
-@register("reward", requires=PAIR_SCORES, uses_reference=False)
+@register("reward", requires=PAIR_SCORES)
 def _reward(inputs: LossInputs, p: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
     """Bradley-Terry: mean of -log sigmoid(r_chosen - r_rejected); accuracy = r_chosen > r_rejected."""
     margin = inputs.chosen_scores - inputs.rejected_scores
@@ -288,7 +274,7 @@ def _reward(inputs: LossInputs, p: LossParams) -> tuple[Tensor, dict[str, Tensor
     return loss, _score_metrics(loss, inputs, margin.detach() > 0)
 
 
-@register("cost", requires=PAIR_SCORES + SAFETY, uses_reference=False)
+@register("cost", requires=PAIR_SCORES + SAFETY)
 def _cost(inputs: LossInputs, p: LossParams) -> tuple[Tensor, dict[str, Tensor]]:
     """Safe-RLHF cost model (Dai et al. 2023, arXiv 2310.12773, eq. 6); chosen is the SAFER response.
 

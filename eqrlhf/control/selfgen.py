@@ -26,6 +26,7 @@ import math
 import random
 from pathlib import Path
 
+from eqrlhf.algorithms.catalog import loss_info
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.control.binning import assign_levels, binning_summary, quantile_edges
 from eqrlhf.control.encoding import all_settings, check_levels, prepare_tagged_model, tag_prompt
@@ -44,9 +45,7 @@ def base_model(cfg: Config) -> str:
 
 def row_format(cfg: Config) -> str:
     """'clm' (one tagged response per row) for sft-kind losses, else 'pairs'."""
-    from eqrlhf.train.batching import loss_kind
-
-    kind = loss_kind(cfg.algorithm.loss)
+    kind = loss_info(cfg.algorithm.loss).kind
     if kind == "scalar":
         raise ConfigError(f"algorithm.loss={cfg.algorithm.loss}: control data trains a policy, not a scalar head")
     return "clm" if kind == "sft" else "pairs"

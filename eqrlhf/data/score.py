@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from eqrlhf.config import PPO_LOSSES, Config
+from eqrlhf.algorithms.catalog import loss_info
+from eqrlhf.config import Config
 from eqrlhf.data.schema import ROW_SCHEMA
 from eqrlhf.manifest import StageWriter, rows_path
 
@@ -38,17 +39,18 @@ MAX_LISTED_ERRORS = 10
 
 
 def ama_on(cfg: Config) -> bool:
-    return cfg.ama.enabled or cfg.algorithm.loss.startswith("ama_")
+    return cfg.ama.enabled or loss_info(cfg.algorithm.loss).ama
 
 
 def ref_on(cfg: Config) -> bool:
-    return cfg.algorithm.reference == "precomputed"
+    """Reference log-probs precomputed here: the loss uses a reference and the config asks for it."""
+    return cfg.algorithm.reference == "precomputed" and loss_info(cfg.algorithm.loss).uses_reference
 
 
 def scoring_needed(cfg: Config) -> bool:
     """Offline AMA scores or precomputed reference log-probs: the score stage applies (PPO scores its own
     rollouts)."""
-    return (ama_on(cfg) or ref_on(cfg)) and cfg.algorithm.loss not in PPO_LOSSES
+    return (ama_on(cfg) or ref_on(cfg)) and loss_info(cfg.algorithm.loss).kind != "online"
 
 
 def training_input_dir(cfg: Config) -> Path:

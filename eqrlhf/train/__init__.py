@@ -12,19 +12,18 @@ Output layout (``train.output``, default ``<run>/train``): ``metrics.jsonl``, ``
 
 from __future__ import annotations
 
-import difflib
 import json
 import shutil
 import time
 from pathlib import Path
 
-from eqrlhf.config import PPO_LOSSES, Config, ConfigError
+from eqrlhf.algorithms.catalog import loss_info
+from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.score import training_input_dir
 from eqrlhf.train.batching import (
     TrainInputError,
     check_input_table,
     input_columns,
-    loss_kind,
     required_columns,
     steps_per_epoch,
 )
@@ -33,6 +32,7 @@ from eqrlhf.train.deepspeed_config import global_batch_pairs
 from eqrlhf.train.driver import (
     CHECKPOINTS,
     MANIFEST,
+    check_settings,
     link_final,
     resume_checkpoint,
     scaling_config,
@@ -44,31 +44,14 @@ from eqrlhf.train.metrics import METRICS_FILE, TB_DIR, read_metrics
 __all__ = ["ConfigError", "TrainInputError", "prepare_train", "run_train"]
 
 
-def check_settings(cfg: Config) -> None:
-    """The training settings that need no data: loss name, LoRA and compile combinations."""
-    from eqrlhf.algorithms.losses import LOSSES
-
-    loss = cfg.algorithm.loss
-    if loss not in LOSSES:
-        close = difflib.get_close_matches(loss, LOSSES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"algorithm.loss: unknown loss '{loss}'{hint}; known losses: {', '.join(sorted(LOSSES))}")
-    if loss_kind(loss) == "scalar" and cfg.train.lora.r > 0:
-        raise ConfigError(f"train.lora.r={cfg.train.lora.r}: LoRA is supported for causal-LM losses, not '{loss}'")
-    if cfg.train.compile and cfg.train.zero_stage == 3:
-        # ZeRO-3 gathers each layer's weights in module hooks, which would split every compiled graph
-        raise ConfigError("train.compile=true needs train.zero_stage 0, 1 or 2 (ZeRO-3 is not supported)")
-
-
 def prepare_train(cfg: Config) -> dict:
     """Validate config and inputs without Ray; return the plan every worker receives (plain JSON data)."""
-    from eqrlhf.algorithms.losses import uses_ama, uses_reference
     from eqrlhf.models.loading import resolve_model_path
 
     check_settings(cfg)
     loss = cfg.algorithm.loss
-    ama = uses_ama(loss)
-    precomputed = uses_reference(loss) and cfg.algorithm.reference == "precomputed"
+    ama = loss_info(loss).ama
+    precomputed = loss_info(loss).uses_reference and cfg.algorithm.reference == "precomputed"
     input_dir = training_input_dir(cfg)
     if not input_dir.exists():
         raise TrainInputError(
@@ -167,7 +150,7 @@ def summary_text(manifest: dict) -> str:
 def run_train(cfg: Config) -> dict:
     """Validate, train on Ray Train + DeepSpeed, write and return ``<run>/train/manifest.json``."""
 
-    if cfg.algorithm.loss in PPO_LOSSES:  # online RL: rollouts from the engine pool (eqrlhf.train.ppo)
+    if loss_info(cfg.algorithm.loss).kind == "online":  # online RL: rollouts from the engine pool (eqrlhf.train.ppo)
         from eqrlhf.train.ppo import run_ppo
 
         return run_ppo(cfg)

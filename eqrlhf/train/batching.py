@@ -23,12 +23,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import torch
 
+from eqrlhf.algorithms.catalog import loss_info, response_sides
 from eqrlhf.data.tokenize import encode_pair
 from eqrlhf.manifest import read_manifest, rows_path
 
-SCALAR_LOSSES = ("reward", "cost")
-SFT_LOSSES = ("sft", "ama_sft", "clm")
-SAFETY_LOSSES = ("bfpo", "cost")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 MAX_LISTED_ERRORS = 5
 
@@ -37,22 +35,11 @@ class TrainInputError(ValueError):
     """Training input that cannot be used; the message names the directory, row and field."""
 
 
-def loss_kind(loss: str) -> str:
-    """'scalar' (reward/cost head), 'sft' (chosen responses only) or 'preference' (chosen vs rejected)."""
-    if loss in SCALAR_LOSSES:
-        return "scalar"
-    return "sft" if loss in SFT_LOSSES else "preference"
-
-
-def response_sides(loss: str) -> tuple[str, ...]:
-    return ("chosen",) if loss_kind(loss) == "sft" else ("chosen", "rejected")
-
-
 def required_columns(loss: str, ama: bool, precomputed_reference: bool) -> list[str]:
     """Columns the input table must have (text columns are always needed as a fallback for tokenizing)."""
     sides = response_sides(loss)
     cols = ["id", "prompt", "history", *sides]
-    if loss in SAFETY_LOSSES:
+    if loss_info(loss).safety_labels:
         cols += ["chosen_safe", "rejected_safe"]
     if ama:
         cols += ["prompt_ids", *(f"{s}_ids" for s in sides), *(f"{s}_scores" for s in sides)]
@@ -123,7 +110,7 @@ def check_input_table(input_dir: Path, loss: str, ama: bool, precomputed_referen
         else:
             bad = _bad_rows(pc.less(pc.utf8_length(table.column(side)), 1))
             problems += [f"{_where(table, i)}: field '{side}' is missing or empty" for i in bad]
-    if loss in SAFETY_LOSSES:
+    if loss_info(loss).safety_labels:
         for field in ("chosen_safe", "rejected_safe"):
             bad = _bad_rows(pc.is_null(table.column(field)))
             problems += [

@@ -11,18 +11,24 @@ Layout of ``<run>/train/checkpoints/step_N/`` (Ray Train merges what each worker
   needs to continue bit-exactly and are only ever read back by ``engine.load_checkpoint``, through
   :func:`refuse_pickled_code`: torch's weights-only unpickler with three DeepSpeed classes allowed, so a
   planted pickle in a checkpoint on shared storage is refused instead of run).
-- ``trainer_state.json``: step, epoch, step within the epoch, rows seen, seed, world size. Written last
-  by rank 0, so a directory without it is an incomplete checkpoint.
+- ``trainer_state.json``: step, epoch, step within the epoch, rows seen, seed, world size.
+- ``checkpoint_manifest.json``: every other file's size and sha256, written by rank 0 last, once every
+  rank's files are in place (:func:`report_checkpoint`). A directory without it is incomplete; resume
+  (``train.resume``, ``train.resume_from`` and Ray Train's restart after a worker failure) uses the newest
+  checkpoint whose files all match it (:func:`verify_checkpoint`) and says which it skipped and why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "checkpoint_manifest.json"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
 ADAPTER_DIR = "adapter"
@@ -34,7 +40,56 @@ def checkpoint_dir_name(step: int) -> str:
 
 
 def is_complete(path: Path) -> bool:
-    return (Path(path) / STATE_FILE).is_file() and (Path(path) / DS_DIR).is_dir()
+    """All files written (cheap: the manifest exists); :func:`verify_checkpoint` checks their contents."""
+    path = Path(path)
+    return (path / STATE_FILE).is_file() and (path / DS_DIR).is_dir() and (path / MANIFEST_FILE).is_file()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checkpoint_manifest(path: Path) -> None:
+    """Size and sha256 of every file under ``path``, written atomically (a reader sees all of it or none)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    tmp = path / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"files": entries}, indent=1))
+    os.replace(tmp, path / MANIFEST_FILE)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted, or None when every file matches its manifest."""
+    path = Path(path)
+    if not (path / MANIFEST_FILE).is_file():
+        return f"no {MANIFEST_FILE}: the checkpoint was not finished (a rank's files may be missing)"
+    for rel, want in json.loads((path / MANIFEST_FILE).read_text())["files"].items():
+        file = path / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        if file.stat().st_size != want["bytes"]:
+            return f"{rel} has {file.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if _sha256(file) != want["sha256"]:
+            return f"{rel} does not match its sha256 (corrupted)"
+    return None
+
+
+def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest ``step_N`` under ``root`` that verifies, and a line per newer one skipped (with why)."""
+    root = Path(root)
+    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))] if root.is_dir() else []
+    skipped = []
+    for _, path in sorted(steps, reverse=True):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path, skipped
+        skipped.append(f"skipped checkpoint {path}: {reason}")
+    return None, skipped
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -55,7 +110,7 @@ def read_trainer_state(path: Path) -> dict:
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(
-            f"{path} is not a complete training checkpoint (needs {STATE_FILE} and {DS_DIR}/); "
+            f"{path} is not a complete training checkpoint (needs {STATE_FILE}, {DS_DIR}/ and {MANIFEST_FILE}); "
             f"checkpoints are written as <run>/train/checkpoints/step_N"
         )
     return json.loads((path / STATE_FILE).read_text())
@@ -207,14 +262,40 @@ def load_training_checkpoint(engine, path: Path) -> dict:
 
 
 def load_resume_state(plan: dict, load) -> dict | None:
-    """``load(dir)`` on the checkpoint to continue from: Ray Train's latest after a worker crash, else the
-    run's ``resume_from`` (train.resume / train.resume_from); None for a fresh start."""
+    """``load(dir)`` on the checkpoint to continue from: after a worker crash Ray Train's latest, or the
+    newest one under ``<train dir>/checkpoints`` that verifies when Ray's does not; else the run's
+    ``resume_from`` (train.resume / train.resume_from, verified by the driver); None for a fresh start."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            return load(Path(path))
+            reason = verify_checkpoint(Path(path))
+            if reason is None:
+                return load(Path(path))
+        fallback, skipped = newest_verified(Path(plan["train_dir"]) / "checkpoints")
+        for line in [f"skipped Ray Train's latest checkpoint {path}: {reason}", *skipped]:
+            print(f"[train] {line}", flush=True)
+        if fallback is None:
+            raise FileNotFoundError(f"no checkpoint under {plan['train_dir']}/checkpoints verifies; cannot resume")
+        return load(fallback)
     if plan["resume_from"]:
         return load(Path(plan["resume_from"]))
     return None
+
+
+def report_checkpoint(local: Path, step: int, metrics: dict, plan: dict, rank: int) -> None:
+    """Hand this worker's part of ``step_N`` (written under ``local``) to Ray Train, which persists every
+    rank's part into ``<train dir>/checkpoints/step_N``; once all ranks are past that, rank 0 writes the
+    manifest there, last."""
+    import ray.train
+    import torch.distributed as dist
+
+    name = checkpoint_dir_name(step)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)), checkpoint_dir_name=name)
+    if dist.is_initialized():
+        dist.barrier()  # every rank's files are persisted before rank 0 lists them
+    if rank == 0:
+        write_checkpoint_manifest(Path(plan["train_dir"]) / "checkpoints" / name)
+    if dist.is_initialized():
+        dist.barrier()  # nobody goes on (or is killed by a fault test) before the manifest is written

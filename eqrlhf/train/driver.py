@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from eqrlhf.algorithms.catalog import loss_info
 from eqrlhf.config import Config, ConfigError
-from eqrlhf.train.checkpoint import latest_checkpoint, read_trainer_state
+from eqrlhf.train.checkpoint import newest_verified, read_trainer_state, verify_checkpoint
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -19,7 +20,19 @@ def train_dir(cfg: Config) -> Path:
     return cfg.stage_dir(cfg.train.output, "train")
 
 
+def check_settings(cfg: Config) -> None:
+    """The training settings that need no data (the loss name itself is checked when the config loads)."""
+    loss = cfg.algorithm.loss
+    if loss_info(loss).kind == "scalar" and cfg.train.lora.r > 0:
+        raise ConfigError(f"train.lora.r={cfg.train.lora.r}: LoRA is supported for causal-LM losses, not '{loss}'")
+    if cfg.train.compile and cfg.train.zero_stage == 3:
+        # ZeRO-3 gathers each layer's weights in module hooks, which would split every compiled graph
+        raise ConfigError("train.compile=true needs train.zero_stage 0, 1 or 2 (ZeRO-3 is not supported)")
+
+
 def resume_checkpoint(cfg: Config, out: Path) -> Path | None:
+    """The checkpoint ``train.resume_from`` / ``train.resume`` continues from, verified against its manifest
+    (a skipped newer checkpoint is printed with the reason); None for a fresh start."""
     if cfg.train.resume_from:
         path = cfg.resolve_path(cfg.train.resume_from).resolve()
         if path.is_relative_to(out.resolve()):
@@ -28,11 +41,17 @@ def resume_checkpoint(cfg: Config, out: Path) -> Path | None:
                 "use train.resume=true to continue its newest checkpoint, or set train.output elsewhere"
             )
         read_trainer_state(path)  # raises with a clear message when it is not a complete checkpoint
+        reason = verify_checkpoint(path)
+        if reason:
+            raise ConfigError(f"train.resume_from={path} cannot be trusted: {reason}; resume from another checkpoint")
         return path
     if cfg.train.resume:
-        latest = latest_checkpoint(out / CHECKPOINTS)
+        latest, skipped = newest_verified(out / CHECKPOINTS)
+        for line in skipped:
+            print(f"[train] {line}")
         if latest is None:
-            raise ConfigError(f"train.resume=true but there is no complete checkpoint under {out / CHECKPOINTS}")
+            why = f" ({'; '.join(skipped)})" if skipped else ""
+            raise ConfigError(f"train.resume=true but no checkpoint under {out / CHECKPOINTS} verifies{why}")
         return latest
     return None
 

@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 
 from eqrlhf.algorithms.ama import ama_mask
+from eqrlhf.algorithms.catalog import loss_info
 from eqrlhf.algorithms.logprobs import masked_sum, shift_for_causal_lm
-from eqrlhf.algorithms.losses import LOSSES, LossInputs, compute_loss, uses_ama, uses_reference
+from eqrlhf.algorithms.losses import LossInputs, compute_loss
 from eqrlhf.config import Config, from_dict
-from eqrlhf.train.batching import PairSource, collate, loss_kind, read_columns, step_rows, worker_micro_batches
+from eqrlhf.train.batching import PairSource, collate, read_columns, step_rows, worker_micro_batches
 from eqrlhf.train.checkpoint import (
     checkpoint_dir_name,
     load_resume_state,
     load_training_checkpoint,
+    report_checkpoint,
     save_training_checkpoint,
     trainer_state,
 )
@@ -63,9 +65,9 @@ class StepSpec:
         baseline = "batch_mean" if cfg.ama.baseline_mode == "batch_mean" else cfg.ama.baseline
         return cls(
             loss=loss,
-            kind=loss_kind(loss),
-            ama=uses_ama(loss),
-            reference=algo.reference if uses_reference(loss) else None,
+            kind=loss_info(loss).kind,
+            ama=loss_info(loss).ama,
+            reference=algo.reference if loss_info(loss).uses_reference else None,
             lora=cfg.train.lora.r > 0,
             bf16=cfg.train.bf16,
             chunk_size=cfg.train.logprob_chunk_size,
@@ -222,7 +224,7 @@ def loss_scales(batches: list[dict], spec: StepSpec, accum: int, device: torch.d
     exact for pair losses (every micro-batch has the same number of pairs): scale 1. Token-averaged losses
     (sft) weigh each micro-batch by its share of the step's kept tokens across all workers.
     """
-    if LOSSES[spec.loss].units != "tokens":
+    if loss_info(spec.loss).units != "tokens":
         return [1.0] * len(batches)
     import torch.distributed as dist
 
@@ -274,18 +276,12 @@ def restore(engine, plan: dict) -> int:
     return int(state["step"])
 
 
-def save_and_report(engine, step: int, state: dict, metrics: dict, tokenizer, rank: int) -> None:
+def save_and_report(engine, step: int, state: dict, metrics: dict, tokenizer, rank: int, plan: dict) -> None:
     """Write this worker's part of checkpoint step_N into a local dir; Ray Train merges and persists them."""
-    import ray.train
-
     local = Path(tempfile.mkdtemp(prefix=f"eqrlhf-{checkpoint_dir_name(step)}-rank{rank}-"))
     try:
         save_training_checkpoint(engine, local, state, tokenizer, rank)
-        ray.train.report(
-            {**metrics, "step": step},
-            checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-            checkpoint_dir_name=checkpoint_dir_name(step),
-        )
+        report_checkpoint(local, step, {**metrics, "step": step}, plan, rank)
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -376,7 +372,7 @@ def train_loop_per_worker(config: dict) -> None:
             bar.update(1)
         if (train.save_every and done % train.save_every == 0) or done == total:
             state = trainer_state(done, per_epoch, global_batch, world, cfg.run.seed, plan["config_hash"], metrics)
-            save_and_report(engine, done, state, metrics, tokenizer, rank)
+            save_and_report(engine, done, state, metrics, tokenizer, rank, plan)
         _maybe_kill_for_test(done, rank, world)
     if bar is not None:
         bar.close()

@@ -20,7 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
-from eqrlhf.config import PPO_LOSSES, Config, ConfigError
+from eqrlhf.algorithms.catalog import ONLINE
+from eqrlhf.config import Config, ConfigError
 from eqrlhf.train.batching import TrainInputError
 from eqrlhf.train.driver import (
     CHECKPOINTS,
@@ -89,8 +90,8 @@ def _check_sources(cfg: Config, policy_path: str) -> dict:
 
 
 def _check_algorithm(cfg: Config) -> None:
-    if cfg.algorithm.loss not in PPO_LOSSES:
-        raise ConfigError(f"algorithm.loss={cfg.algorithm.loss!r} is not an online RL loss ({', '.join(PPO_LOSSES)})")
+    if cfg.algorithm.loss not in ONLINE:
+        raise ConfigError(f"algorithm.loss={cfg.algorithm.loss!r} is not an online RL loss ({', '.join(ONLINE)})")
     if cfg.ama.enabled and cfg.ama.scorer != "critic":
         raise ConfigError(
             f"ama.scorer={cfg.ama.scorer}: AMA-PPO masks tokens with the critic's values; set ama.scorer=critic"

@@ -36,6 +36,7 @@ from eqrlhf.train.checkpoint import (
     load_resume_state,
     load_training_checkpoint,
     refuse_pickled_code,
+    report_checkpoint,
     save_model_weights,
     save_training_checkpoint,
     trainer_state,
@@ -265,21 +266,18 @@ def read_prompt_rows(plan: dict) -> list[dict]:
 # ---- checkpoints ------------------------------------------------------------------------------------------
 
 
-def save_ppo_checkpoint(models: Models, iteration: int, state: dict, metrics: dict, tokenizer, rank: int) -> None:
-    """Critics first, then the policy (whose trainer_state.json, written last, marks the checkpoint complete)."""
-    import ray.train
-
+def save_ppo_checkpoint(
+    models: Models, iteration: int, state: dict, metrics: dict, tokenizer, rank: int, plan: dict
+) -> None:
+    """Critics, then the policy; the manifest written after Ray Train persisted every rank's part marks the
+    checkpoint complete."""
     local = Path(tempfile.mkdtemp(prefix=f"eqrlhf-ppo-{checkpoint_dir_name(iteration)}-rank{rank}-"))
     try:
         for name, engine in critic_engines(models).items():
             engine.save_checkpoint(str(local / f"{name}_deepspeed"), tag=DS_TAG)
             save_model_weights(engine, local / name, tokenizer, rank)
         save_training_checkpoint(models.policy, local, state, tokenizer, rank)
-        ray.train.report(
-            {**metrics, "iteration": iteration},
-            checkpoint=ray.train.Checkpoint.from_directory(str(local)),
-            checkpoint_dir_name=checkpoint_dir_name(iteration),
-        )
+        report_checkpoint(local, iteration, {**metrics, "iteration": iteration}, plan, rank)
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
@@ -362,6 +360,6 @@ def ppo_loop_per_worker(config: dict) -> None:
         if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
             state = trainer_state(done, 1, plan["global_batch"], world, cfg.run.seed, plan["config_hash"], metrics)
             state.update(log_lambda=log_lambda, rollout_batch=plan["rollout_batch"], iteration=done)
-            save_ppo_checkpoint(models, done, state, metrics, tokenizer, rank)
+            save_ppo_checkpoint(models, done, state, metrics, tokenizer, rank, plan)
     if writer is not None:
         writer.close()
