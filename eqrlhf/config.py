@@ -584,20 +584,41 @@ def from_dict(tree: dict, origin: str = "<dict>") -> Config:
         raise ConfigError(_format_error(err, origin)) from None
 
 
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A config file with its ``extends:`` chain applied (paths relative to the file that names them)."""
+    if not path.is_file():
+        via = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{via}")
+    if path.resolve() in chain:
+        raise ConfigError(f"config {path}: 'extends' loops back to itself ({' -> '.join(map(str, chain))})")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    parents = tree.pop("extends", None) or []
+    merged: dict = {}
+    for parent in [parents] if isinstance(parents, str) else parents:
+        merged = _merge(merged, _read_yaml(path.parent / parent, (*chain, path.resolve())))
+    return _merge(merged, tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read YAML (optional), apply dotted overrides, validate. No Ray, no I/O beyond the file."""
+    """Read YAML (optional; ``extends: base.yaml`` or a list of them composes files, later ones and the file
+    itself winning), apply dotted overrides, validate. No Ray, no I/O beyond the files."""
     tree: dict = {}
     origin = "defaults"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at top level")
+        tree = _read_yaml(Path(path))
         origin = str(path)
     for item in overrides:
         apply_override(tree, item)
