@@ -138,7 +138,7 @@ def test_registry_names_and_errors():
     assert loss_info("ama_ipo").ama and not loss_info("ipo").ama and loss_info("ama_sft").ama
     assert loss_info("bfpo").safety_labels and loss_info("cost").safety_labels and not loss_info("dpo").safety_labels
     assert LOSSES["sft"].info.units == "tokens" and LOSSES["dpo"].info.units == "pairs"
-    with pytest.raises(KeyError, match=r"unknown loss 'ama_dop'.*did you mean 'ama_dpo'"):
+    with pytest.raises(ValueError, match=r"unknown loss 'ama_dop'.*did you mean 'ama_dpo'"):
         compute_loss("ama_dop", pair_inputs())
     with pytest.raises(ValueError, match=r"unknown loss 'ppp' \(did you mean 'ppo'\?\); known losses:"):
         loss_info("ppp")

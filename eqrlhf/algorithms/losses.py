@@ -22,7 +22,6 @@ reward), ``logps/chosen``, ``logps/rejected``. Scalar-head metrics: ``accuracy``
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -92,10 +91,9 @@ def register(name: str, *, requires: tuple[str, ...]):
 
 
 def _spec(name: str) -> LossSpec:
+    loss_info(name)  # an unknown name: a ValueError naming the closest known loss
     if name not in LOSSES:
-        close = difflib.get_close_matches(name, LOSSES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown loss {name!r}: known losses are {sorted(LOSSES)}{hint}")
+        raise ValueError(f"loss {name!r} has no offline function: the PPO trainer (eqrlhf.train.ppo) computes it")
     return LOSSES[name]
 
 
@@ -108,7 +106,7 @@ def reduction_units(name: str, inputs: LossInputs) -> Tensor:
 
 
 def compute_loss(name: str, inputs: LossInputs, **params: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """Compute the registered loss ``name``; raises KeyError for unknown names, ValueError for missing inputs."""
+    """Compute the registered loss ``name``; raises ValueError for unknown names and missing inputs."""
     spec = _spec(name)
     known = {f.name for f in fields(LossParams)}
     unknown = sorted(set(params) - known)
