@@ -30,7 +30,6 @@ class Decision:
     stage: Stage
     run: bool
     reasons: list[str]  # why it runs ("config mix.counts changed", "never ran", ...); empty when skipped
-    parts: dict[str, str]
 
 
 def selected_stages(cfg: Config) -> list[Stage]:
@@ -47,14 +46,15 @@ def _reason(part: str) -> str:
 
 def decide(stage: Stage, cfg: Config, rerun_outputs: set[Path] = frozenset(), force: bool = False) -> Decision:
     """Whether ``stage`` must run for ``cfg``; ``rerun_outputs`` are outputs of earlier stages that run."""
-    parts = fingerprint(cfg.model_dump(mode="json"), stage.reads(cfg), stage.inputs(cfg))
+    inputs = stage.inputs(cfg)
+    parts = fingerprint(cfg.model_dump(mode="json"), stage.reads(cfg), inputs)
     reasons = ["forced"] if force else [_reason(p) for p in changed_parts(read_state(stage.output(cfg)), parts)]
     reasons += [
         f"input {p} is rewritten by an earlier stage"
-        for p in stage.inputs(cfg)
+        for p in inputs
         if any(p == out or out in p.parents for out in rerun_outputs)
     ]
-    return Decision(stage, bool(reasons), reasons, parts)
+    return Decision(stage, bool(reasons), reasons)
 
 
 def plan(cfg: Config, stages: list[Stage] | None = None) -> list[Decision]:
