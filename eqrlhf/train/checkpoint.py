@@ -39,6 +39,15 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step}"
 
 
+def _step_dirs(root: Path) -> list[Path]:
+    """Every ``step_N`` folder under ``root``, complete or not, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def is_complete(path: Path) -> bool:
     """All files written (cheap: the manifest exists); :func:`verify_checkpoint` checks their contents."""
     path = Path(path)
@@ -81,10 +90,8 @@ def verify_checkpoint(path: Path) -> str | None:
 
 def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
     """The newest ``step_N`` under ``root`` that verifies, and a line per newer one skipped (with why)."""
-    root = Path(root)
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))] if root.is_dir() else []
     skipped = []
-    for _, path in sorted(steps, reverse=True):
+    for path in reversed(_step_dirs(root)):
         reason = verify_checkpoint(path)
         if reason is None:
             return path, skipped
@@ -94,11 +101,7 @@ def newest_verified(root: Path) -> tuple[Path | None, list[str]]:
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete ``step_N`` checkpoints under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
-    return [p for _, p in sorted(found)]
+    return [p for p in _step_dirs(root) if is_complete(p)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
