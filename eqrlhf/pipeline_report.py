@@ -19,6 +19,7 @@ BASE_TAG, TRAINED_TAG = "base", "trained"
 HEADLINE = (
     ("harmful_compliance", "harmful compliance", "lower is better"),
     ("over_refusal", "over-refusal", "lower is better"),
+    ("helpful_refusal", "helpful refusals", "lower is better"),
     ("likelihood_retention", "likelihood retention", "higher is better"),
     ("reward", "reward (helpful suites)", "higher is better"),
 )
@@ -129,7 +130,10 @@ def _headline_stat(eval_json: str, key: str) -> str:
     doc = json.loads(Path(eval_json).read_text())
     if key == "reward":
         return fmt_mean((doc.get("helpfulness") or {}).get("reward"))
-    stat = doc.get("headline", {}).get(key)
+    if key == "helpful_refusal":  # refusals of ordinary requests (helpful suites)
+        stat = ((doc.get("metrics") or {}).get("by_kind", {}).get("helpful") or {}).get("refusal")
+    else:
+        stat = doc.get("headline", {}).get(key)
     return fmt_mean(stat) if key == "likelihood_retention" else fmt_rate(stat)
 
 
@@ -196,17 +200,37 @@ def write_report(cfg: Config, report: dict, timings: dict, seconds: float) -> Pa
     return path
 
 
+def _paired_p(base: dict, trained: dict, key: str) -> str:
+    """McNemar's exact p between the base and the trained model on the prompts both were judged on."""
+    from eqrlhf.evaluate.compare import METRICS, load_completions, paired
+
+    if key not in METRICS:
+        return ""
+    try:
+        result = paired(*(load_completions(Path(e["eval_json"]).parent) for e in (base, trained)), key)
+    except FileNotFoundError:
+        return ""
+    return f"paired p={result['p']:.3g} (n={result['n']})" if result["n"] else ""
+
+
 def summary_screen(cfg: Config, report: dict, timings: dict, seconds: float, path: Path) -> str:
-    """A one-screen before/after summary for the terminal."""
+    """A one-screen before/after summary for the terminal: each number with its 95% interval and count, the
+    change, and for the rates McNemar's paired test between the two models on the same prompts."""
     ev = report["evaluate"]
     base, trained = ev.get("base"), ev["trained"]
-    rule = "-" * 72
+    rule = "-" * 78
     lines = [rule, f"eqrlhf pipeline '{cfg.run.name}' ({cfg.algorithm.loss}) finished in {seconds:.0f} s", rule]
-    lines.append(f"{'':26}{'base':>12}{'trained':>12}{'change':>12}")
     for key, label, better in HEADLINE:
         b = base["summary"].get(key) if base else None
         t = trained["summary"].get(key)
-        lines.append(f"{label:26}{_fmt(b, key):>12}{_fmt(t, key):>12}{_change(b, t, key):>12}  ({better})")
+        if b is None and t is None:
+            continue
+        change = _change(b, t, key)
+        test = _paired_p(base, trained, key) if base else ""
+        lines.append(f"{label} ({better}){': ' + change if change else ''}{'  ' + test if test else ''}")
+        if base:
+            lines.append(f"  base     {_headline_stat(base['eval_json'], key)}")
+        lines.append(f"  trained  {_headline_stat(trained['eval_json'], key)}")
     stages = ", ".join(f"{k} {'skipped' if v is None else f'{v:.0f}s'}" for k, v in timings.items())
     lines += [rule, f"stages: {stages}", f"report: {path}", rule]
     return "\n".join(lines)

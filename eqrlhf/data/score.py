@@ -283,7 +283,9 @@ class ScorePairs:
             self.policy, self.policy_ref = lm(scorer_model), lm(scorer_ref_model)
         self.ref = lm(ref_model, ref_gguf_file) if ref_model else None
 
-    def _scores(self, prompts, responses) -> list[np.ndarray]:
+    def _scores(self, prompts, responses) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Token scores, and the dpo_implicit policy's log-probs (None for reward_prefix)."""
+        pol = None
         if self.scorer == "reward_prefix":
             raw = prefix_scores(self.head, prompts, responses)
             raw = [-s for s in raw] if self.negate else raw
@@ -293,19 +295,22 @@ class ScorePairs:
                 response_logprobs(self.policy_ref, prompts, responses),
             )
             raw = [self.beta * (a - b) for a, b in zip(pol, ref)]
-        return [zscore(s) for s in raw] if self.normalize == "zscore" else raw
+        return ([zscore(s) for s in raw] if self.normalize == "zscore" else raw), pol
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = batch.column("prompt_ids").to_pylist()
         chosen, rejected = batch.column("chosen_ids").to_pylist(), batch.column("rejected_ids").to_pylist()
         n = len(prompts)
         both_prompts, both_responses = prompts + prompts, chosen + rejected  # one forward for chosen and rejected
+        policy_logps = None
         if self.scorer:
-            scores = self._scores(both_prompts, both_responses)
+            scores, policy_logps = self._scores(both_prompts, both_responses)
             batch = batch.append_column("chosen_scores", pa.array(scores[:n], type=FLOATS))
             batch = batch.append_column("rejected_scores", pa.array(scores[n:], type=FLOATS))
         if self.ref is not None:
-            logps = response_logprobs(self.ref, both_prompts, both_responses)
+            # a warm start is both the dpo_implicit policy and DPO's reference: one forward serves both
+            same = policy_logps is not None and self.ref is self.policy
+            logps = policy_logps if same else response_logprobs(self.ref, both_prompts, both_responses)
             batch = batch.append_column("ref_chosen_logps", pa.array(logps[:n], type=FLOATS))
             batch = batch.append_column("ref_rejected_logps", pa.array(logps[n:], type=FLOATS))
         return batch
@@ -343,6 +348,7 @@ def run_score(cfg: Config) -> dict:
         normalize=cfg.ama.normalize if plan["scorer"] else None,
         ref_logps=plan["ref_model"] is not None,
         max_length=cfg.model.max_length,
+        models={k: plan[k] for k in ("scorer_model", "scorer_ref_model", "ref_model")},  # which models scored
         **totals,
     )
     print(

@@ -63,8 +63,6 @@ def prepare_train(cfg: Config) -> dict:
         resolve_model_path(cfg.model.name_or_path)  # also converts the bundled model once, before workers race
     except FileNotFoundError as err:
         raise ConfigError(f"model.name_or_path: {err}") from None
-    if Path(cfg.model.name_or_path).is_dir():  # a local checkpoint: Ray Train workers run in another directory
-        cfg.model.name_or_path = str(Path(cfg.model.name_or_path).resolve())
     global_batch = global_batch_pairs(cfg.train, cfg.train.num_workers)
     per_epoch = steps_per_epoch(rows, global_batch)
     if per_epoch == 0:
@@ -154,6 +152,10 @@ def run_train(cfg: Config) -> dict:
         from eqrlhf.train.ppo import run_ppo
 
         return run_ppo(cfg)
+    if Path(cfg.model.name_or_path).is_dir():  # a local checkpoint: Ray Train workers run in another directory
+        # a copy, not an edit: the caller writes the stage's fingerprint from its own config afterwards
+        model = cfg.model.model_copy(update={"name_or_path": str(Path(cfg.model.name_or_path).resolve())})
+        cfg = cfg.model_copy(update={"model": model})
     plan = prepare_train(cfg)
     out = Path(plan["train_dir"])
     continues_own_output = cfg.train.resume and not cfg.train.resume_from

@@ -2,16 +2,17 @@
 
 ``add_categories(ds, cfg)`` takes blocks with the row columns plus ``error`` and returns
 the same columns plus ``category_error``: good rows get a category in EHD/IHD/MHD/none, or
-a null category and ``"<kind>: <reason>"`` (kinds: "unmapped label", "unparsed") when the
-categorizer cannot decide. Rows with an ``error`` pass through untouched.
+a null category and ``"<kind>: <reason>"`` (kinds: "unmapped label", "unparsed", and "uncertain"
+for the embedding head under ``categorize.embedding.min_confidence``) when the categorizer cannot
+decide. Rows with an ``error`` pass through untouched.
 """
 
 from __future__ import annotations
 
 from eqrlhf.config import Config, ConfigError
-from eqrlhf.data.categorizers.labels import UNMAPPED_LABEL, UNPARSED, map_labels, validate_label_config
+from eqrlhf.data.categorizers.labels import UNCERTAIN, UNMAPPED_LABEL, UNPARSED, map_labels, validate_label_config
 
-__all__ = ["UNMAPPED_LABEL", "UNPARSED", "add_categories", "input_block_rows", "validate_categorizer"]
+__all__ = ["UNCERTAIN", "UNMAPPED_LABEL", "UNPARSED", "add_categories", "input_block_rows", "validate_categorizer"]
 
 
 def validate_categorizer(cfg: Config) -> None:
@@ -19,16 +20,18 @@ def validate_categorizer(cfg: Config) -> None:
     validate_label_config(cfg)
     method = cfg.categorize.method
     if method == "embedding":
-        from eqrlhf.data.categorizers.embedding import load_head
+        from eqrlhf.data.categorizers.embedding import head_path, load_head
 
         emb = cfg.categorize.embedding
+        path = head_path(cfg)
         try:
-            head = load_head(cfg.resolve_path(emb.head))
+            head = load_head(path)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"categorize.embedding.head: {err}") from None
         if head.embedding_model != emb.model:
+            which = emb.head or f"(unset: the shipped head {path.name})"
             raise ConfigError(
-                f"categorize.embedding.head {emb.head} was fitted on '{head.embedding_model}' embeddings "
+                f"categorize.embedding.head {which} was fitted on '{head.embedding_model}' embeddings "
                 f"but categorize.embedding.model is '{emb.model}'"
             )
     elif method == "judge":

