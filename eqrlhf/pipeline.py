@@ -120,10 +120,10 @@ def run_pipeline(cfg: Config, plan_only: bool = False) -> dict:
         decisions = plan(cfg, stages)
         print_plan(decisions)
         return {d.stage.name: {"run": d.run, "reasons": d.reasons} for d in decisions}
-    check_all(stages, cfg)
-    cfg = effective_config(cfg)  # what most stages see; run_stage gets each stage's own
+    check_all(stages, cfg)  # the raw config: each stage gets its own effective_config below
+    shown = effective_config(cfg)  # the run's config as written and reported
     cfg.run.dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run.dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    (cfg.run.dir / "config.json").write_text(json.dumps(shown.model_dump(mode="json"), indent=2))
     report, timings, started_all = {}, {}, time.time()
     for stage in stages:
         started = time.time()
@@ -135,7 +135,7 @@ def run_pipeline(cfg: Config, plan_only: bool = False) -> dict:
     seconds = time.time() - started_all
     print(f"[pipeline] finished in {seconds:.1f}s; outputs in {cfg.run.dir}")
     if "evaluate" in report:
-        path = write_report(cfg, report, timings, seconds)
+        path = write_report(shown, report, timings, seconds)
         report["report"] = str(path)
-        print(summary_screen(cfg, report, timings, seconds, path))
+        print(summary_screen(shown, report, timings, seconds, path))
     return report

@@ -200,17 +200,26 @@ def write_report(cfg: Config, report: dict, timings: dict, seconds: float) -> Pa
     return path
 
 
-def _paired_p(base: dict, trained: dict, key: str) -> str:
+def _paired_p(completions: tuple[dict, dict] | None, key: str) -> str:
     """McNemar's exact p between the base and the trained model on the prompts both were judged on."""
-    from eqrlhf.evaluate.compare import METRICS, load_completions, paired
+    from eqrlhf.evaluate.compare import METRICS, paired
 
-    if key not in METRICS:
+    if completions is None or key not in METRICS:
         return ""
-    try:
-        result = paired(*(load_completions(Path(e["eval_json"]).parent) for e in (base, trained)), key)
-    except FileNotFoundError:
-        return ""
+    result = paired(*completions, key)
     return f"paired p={result['p']:.3g} (n={result['n']})" if result["n"] else ""
+
+
+def _both_completions(base: dict | None, trained: dict) -> tuple[dict, dict] | None:
+    """Both models' completion records by prompt id, read once for every paired test."""
+    from eqrlhf.evaluate.compare import load_completions
+
+    if base is None:
+        return None
+    try:
+        return tuple(load_completions(Path(e["eval_json"]).parent) for e in (base, trained))
+    except FileNotFoundError:
+        return None
 
 
 def summary_screen(cfg: Config, report: dict, timings: dict, seconds: float, path: Path) -> str:
@@ -218,6 +227,7 @@ def summary_screen(cfg: Config, report: dict, timings: dict, seconds: float, pat
     change, and for the rates McNemar's paired test between the two models on the same prompts."""
     ev = report["evaluate"]
     base, trained = ev.get("base"), ev["trained"]
+    completions = _both_completions(base, trained)
     rule = "-" * 78
     lines = [rule, f"eqrlhf pipeline '{cfg.run.name}' ({cfg.algorithm.loss}) finished in {seconds:.0f} s", rule]
     for key, label, better in HEADLINE:
@@ -226,7 +236,7 @@ def summary_screen(cfg: Config, report: dict, timings: dict, seconds: float, pat
         if b is None and t is None:
             continue
         change = _change(b, t, key)
-        test = _paired_p(base, trained, key) if base else ""
+        test = _paired_p(completions, key)
         lines.append(f"{label} ({better}){': ' + change if change else ''}{'  ' + test if test else ''}")
         if base:
             lines.append(f"  base     {_headline_stat(base['eval_json'], key)}")

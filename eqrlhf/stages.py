@@ -112,12 +112,15 @@ def warm_start_dir(cfg: Config) -> Path:
     return cfg.run.dir / "warm_start"
 
 
+def _training_on_pairs(cfg: Config, loss: str, settings, output: Path) -> Config:
+    """A pipeline-only training stage's config: ``loss`` on this run's pairs with its own train settings."""
+    train = settings.model_copy(update={"input": str(cfg.stage_dir(cfg.pairs.output, "pairs")), "output": str(output)})
+    return cfg.model_copy(update={"algorithm": AlgorithmSection(loss=loss), "train": train})
+
+
 def warm_start_config(cfg: Config) -> Config:
     """The warm-start stage's config: SFT on this run's pairs (their chosen answers), `pipeline.warm_start`."""
-    train = cfg.pipeline.warm_start.model_copy(
-        update={"input": str(cfg.stage_dir(cfg.pairs.output, "pairs")), "output": str(warm_start_dir(cfg))}
-    )
-    return cfg.model_copy(update={"algorithm": AlgorithmSection(loss="sft"), "train": train})
+    return _training_on_pairs(cfg, "sft", cfg.pipeline.warm_start, warm_start_dir(cfg))
 
 
 def effective_config(cfg: Config, stage: str | None = None) -> Config:
@@ -143,10 +146,7 @@ def effective_config(cfg: Config, stage: str | None = None) -> Config:
 
 def reward_config(cfg: Config) -> Config:
     """The reward-model stage's config: Bradley-Terry loss on this run's pairs, `pipeline.reward_train` settings."""
-    train = cfg.pipeline.reward_train.model_copy(
-        update={"input": str(cfg.stage_dir(cfg.pairs.output, "pairs")), "output": str(reward_model_dir(cfg))}
-    )
-    return cfg.model_copy(update={"algorithm": AlgorithmSection(loss="reward"), "train": train})
+    return _training_on_pairs(cfg, "reward", cfg.pipeline.reward_train, reward_model_dir(cfg))
 
 
 def run_train(cfg: Config) -> dict:
@@ -157,12 +157,19 @@ def run_train(cfg: Config) -> dict:
     return train(cfg)
 
 
-def run_reward(cfg: Config) -> dict:
-    return run_train(reward_config(cfg))
-
-
-def run_warm_start(cfg: Config) -> dict:
-    return run_train(warm_start_config(cfg))
+def _pipeline_training(name: str, help: str, section: str, to_config, output, applies) -> Stage:
+    """A training stage only the pipeline runs (warm start, reward model): its config is ``to_config(cfg)``,
+    built from the ``pipeline.<section>`` train settings and the run's pairs."""
+    return Stage(
+        name,
+        lambda c: run_train(to_config(c)),
+        help,
+        lambda c: (f"pipeline.{section}", "model", "run.seed", "pairs.output"),
+        lambda c: [c.stage_dir(c.pairs.output, "pairs"), *_local(c, c.model.name_or_path)],
+        output,
+        applies,
+        check=lambda c: check_settings(to_config(c)),
+    )
 
 
 def _check_categorize(cfg: Config) -> None:
@@ -266,25 +273,21 @@ PIPELINE = [
         lambda c: c.stage_dir(c.pairs.output, "pairs"),
         check=_check_pairs,
     ),
-    Stage(
+    _pipeline_training(
         "warm_start",
-        run_warm_start,
         "supervised fine-tuning on the pairs' chosen answers before DPO (pipeline only)",
-        lambda c: ("pipeline.warm_start", "model", "run.seed", "pairs.output"),
-        lambda c: [c.stage_dir(c.pairs.output, "pairs"), *_local(c, c.model.name_or_path)],
+        "warm_start",
+        warm_start_config,
         warm_start_dir,
         lambda c: c.pipeline.warm_start is not None,
-        check=lambda c: check_settings(warm_start_config(c)),
     ),
-    Stage(
+    _pipeline_training(
         "reward",
-        run_reward,
         "train the reward model behind AMA scores (pipeline only)",
-        lambda c: ("pipeline.reward_train", "model", "run.seed", "pairs.output"),
-        lambda c: [c.stage_dir(c.pairs.output, "pairs"), *_local(c, c.model.name_or_path)],
+        "reward_train",
+        reward_config,
         reward_model_dir,
         reward_stage_needed,
-        check=lambda c: check_settings(reward_config(c)),
     ),
     Stage(
         "score",
