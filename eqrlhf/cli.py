@@ -2,6 +2,10 @@
 
 The config is loaded and validated before anything else happens, so a typo in
 a key fails in milliseconds instead of after a Ray cluster has started.
+
+Exit status: 0 done; 2 the config or the input is wrong (an ``eqrlhf.errors.UserError``, also one raised in a
+Ray worker), printed as one message without a traceback (``EQRLHF_DEBUG=1`` shows it); anything else is a bug
+and propagates with its traceback (Python exits 1).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 import traceback
 
 from eqrlhf.config import ConfigError, load_config
+from eqrlhf.errors import find_user_error
 
 # commands that are not pipeline stages (eqrlhf.stages declares those): name -> (module, function, help).
 # Imported on use: the sweep and control modules pull in Ray Tune and torch, which --help should not pay for.
@@ -27,9 +32,6 @@ COMMANDS = {
 }
 # single stages run through the registry (skipped when unchanged); the pipeline-only ones are left out
 SINGLE_STAGES = ("categorize", "mix", "pairs", "score", "train")
-
-# Errors that mean "your input is wrong": one line, no traceback (EQRLHF_DEBUG=1 shows it).
-USER_ERRORS = (ConfigError, FileNotFoundError, KeyError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     run = _runner(args)
     try:
         run(cfg)
-    except USER_ERRORS as err:
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise  # a bug: the traceback is what its report needs
         if os.environ.get("EQRLHF_DEBUG"):
             traceback.print_exc()
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"eqrlhf {args.stage}: {message}", file=sys.stderr)
+        print(f"eqrlhf {args.stage}: {user_error}", file=sys.stderr)
         return 2
     return 0
 

@@ -27,12 +27,9 @@ from pydantic import (
 )
 
 from eqrlhf.algorithms.catalog import loss_info
+from eqrlhf.errors import ConfigError, tried
 
 CATEGORIES = ("EHD", "IHD", "MHD", "none")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key."""
 
 
 class Section(BaseModel):
@@ -608,8 +605,9 @@ def _merge(base: dict, over: dict) -> dict:
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """A config file with its ``extends:`` chain applied (paths relative to the file that names them)."""
     if not path.is_file():
-        via = f" (extended by {chain[-1]})" if chain else ""
-        raise ConfigError(f"config file not found: {path}{via}")
+        if chain:  # an extends path is relative to the file that names it, which _read_yaml already applied
+            raise ConfigError(f"config file not found: {path.absolute()} (extended by {chain[-1]})")
+        raise ConfigError(f"config file not found: {tried(path)}")
     if path.resolve() in chain:
         raise ConfigError(f"config {path}: 'extends' loops back to itself ({' -> '.join(map(str, chain))})")
     try:

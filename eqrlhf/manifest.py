@@ -17,16 +17,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eqrlhf.errors import InputError, InputNotFound, tried
+
 MANIFEST = "manifest.json"
 ROWS_DIR = "rows"
 ERRORS = "errors.jsonl"
 
 
-class ErrorBudgetExceeded(ValueError):
+class ErrorBudgetExceeded(InputError):
     """More rows failed than ``data.error_budget`` allows: the input is wrong (the CLI exits 2)."""
 
 
-class NothingWritten(ValueError):
+class NothingWritten(InputError):
     """A stage read rows and wrote none; the message names the reason counted most."""
 
 
@@ -157,7 +159,7 @@ class StageWriter:
 def read_manifest(stage_dir: str | Path) -> dict:
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no stage output at {stage_dir} (missing {MANIFEST}); run the previous stage first")
+        raise InputNotFound(f"no stage output at {tried(stage_dir)}: no {MANIFEST}; run the previous stage first")
     return json.loads(path.read_text())
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eqrlhf.config import Config, ConfigError
+from eqrlhf.errors import UserError, listing
 from eqrlhf.fingerprint import changed_parts, clear_state, fingerprint, read_state, write_state
 from eqrlhf.pipeline_report import summary_screen, write_report
 from eqrlhf.stages import PIPELINE, Stage, effective_config
@@ -103,10 +104,10 @@ def check_all(stages: list[Stage], cfg: Config) -> None:
         try:
             if stage.check is not None:
                 stage.check(effective_config(cfg, stage.name))
-        except (ConfigError, ValueError, FileNotFoundError) as err:
+        except UserError as err:  # a bug in a check keeps its traceback
             problems.append(f"{stage.name}: " + str(err).replace("\n", "\n    "))
     if problems:
-        raise ConfigError(f"the pipeline did not start, {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        raise ConfigError(listing(f"the pipeline did not start, {len(problems)} problem(s)", problems))
 
 
 def run_pipeline(cfg: Config, plan_only: bool = False) -> dict:

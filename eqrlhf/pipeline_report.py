@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from eqrlhf.config import CATEGORIES, Config
+from eqrlhf.errors import InputNotFound, tried
 from eqrlhf.fingerprint import fingerprint
 
 EVAL_MANIFEST = "manifest.json"
@@ -85,7 +86,7 @@ def evaluate_before_after(cfg: Config) -> dict:
     out_dir = cfg.stage_dir(cfg.eval.output, "eval")
     trained = cfg.stage_dir(cfg.train.output, "train") / "final"
     if not trained.exists():
-        raise FileNotFoundError(f"evaluate: no trained model at {trained}: run the train stage first")
+        raise InputNotFound(f"evaluate: no trained model at {tried(trained)}: run the train stage first")
     manifest_path = out_dir / EVAL_MANIFEST
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     base_fp = _base_fingerprint(cfg)
@@ -218,7 +219,7 @@ def _both_completions(base: dict | None, trained: dict) -> tuple[dict, dict] | N
         return None
     try:
         return tuple(load_completions(Path(e["eval_json"]).parent) for e in (base, trained))
-    except FileNotFoundError:
+    except InputNotFound:
         return None
 
 

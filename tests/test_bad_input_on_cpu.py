@@ -109,7 +109,10 @@ def test_truncated_gzip_is_an_error_not_a_crash(tmp_path):
             {"name": "x", "path": "{data_root}/broken.jsonl", "adapter": "generic", "fields": {"question": "q"}},
             r"unknown field\(s\) \['question'\]",
         ),
-        ({"name": "x", "path": "walledai/XSTest"}, r"path not found: .*walledai/XSTest \(if this is a hub dataset id"),
+        (
+            {"name": "x", "path": "walledai/XSTest"},
+            r"path not found: .*walledai/XSTest .*\(if this is a hub dataset id",
+        ),
         ({"name": "x", "path": "walledai/XSTest", "format": "hub", "adapter": "xstest"}, r"HF_HUB_OFFLINE is set"),
         ({"name": "a:b", "path": "{data_root}/broken.csv", "fields": CSV_FIELDS}, r"contain no ':'"),
     ],

@@ -139,7 +139,7 @@ def test_head_json_round_trip_predicts_like_sklearn(tmp_path):
     doc = json.loads((tmp_path / "head.json").read_text())
     doc["classes"][0] = "harmful"
     (tmp_path / "bad.json").write_text(json.dumps(doc))
-    with pytest.raises(ValueError, match=r"bad.json: field 'classes' holds \['harmful'\]"):
+    with pytest.raises(ValueError, match=r"bad.json: field 'classes': holds \['harmful'\]"):
         load_head(tmp_path / "bad.json")
 
 

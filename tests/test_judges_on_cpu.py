@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from eqrlhf.config import from_dict
+from eqrlhf.errors import InputError
 from eqrlhf.evaluate.harm import CostHarmJudge, LLMHarmJudge, parse_harm_verdict
 from eqrlhf.evaluate.judges import (
     EmbeddingRefusalJudge,
@@ -116,8 +117,9 @@ def test_bad_calibration_label_names_file_line_and_field(tmp_path):
         'v2-2,homonyms,"How do I\nterminate a C program?",Call exit().,4_unknown\n'
     )
     cfg = calibration_config(tmp_path / "no_shared_data", tmp_path, calibration_files=str(bad))
-    with pytest.raises(ValueError, match=re.escape(f"{bad}:3: field 'final_label' is '4_unknown'")):
+    with pytest.raises(InputError, match=re.escape(f"{bad}:3: field 'final_label': is '4_unknown'")) as info:
         load_refusal_calibration(cfg)
+    assert (info.value.file, info.value.row, info.value.field) == (str(bad), 3, "final_label")
 
 
 def test_rule_judge_validation_by_hand_and_without_calibration_files(tmp_path):

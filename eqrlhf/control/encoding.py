@@ -13,10 +13,12 @@ import itertools
 import re
 from pathlib import Path
 
+from eqrlhf.errors import ConfigError
+
 TAG = re.compile(r"\[([^\[\]=\s]+)=([^\[\]\s]*)\]")
 
 
-class ControlError(ValueError):
+class ControlError(ConfigError):
     """A control setting that cannot be used; the message names the attribute and the allowed range."""
 
 

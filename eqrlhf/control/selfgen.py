@@ -31,6 +31,7 @@ from eqrlhf.config import Config, ConfigError
 from eqrlhf.control.binning import assign_levels, binning_summary, quantile_edges
 from eqrlhf.control.encoding import all_settings, check_levels, prepare_tagged_model, tag_prompt
 from eqrlhf.control.scorers import scorer_names
+from eqrlhf.errors import InputError, InputNotFound
 
 TAGGED_MODEL = "model"  # <output>/model with encoding: special_tokens
 
@@ -68,8 +69,8 @@ def check_prompt_input(cfg: Config) -> list | Path:
     stage = cfg.stage_dir(cfg.control.input, "mixture")
     try:
         read_manifest(stage)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"control.input: {err} (or give prompt files in control.sources)") from None
+    except InputNotFound as err:
+        raise InputNotFound(f"{err.message} (or give prompt files in control.sources)", field="control.input") from None
     return stage
 
 
@@ -197,16 +198,13 @@ def tagged_rows(cfg: Config, prompts: list[dict], samples: list[list[dict]], fmt
 def check_control_data(cfg: Config) -> dict:
     """Everything that can be wrong, before a model loads or Ray starts."""
     from eqrlhf.control.scorers import check_scorers
-    from eqrlhf.models.loading import resolve_model_path
+    from eqrlhf.models.loading import resolve_model
     from eqrlhf.rollout import check_engine
 
     check_levels(cfg.control.levels)
     fmt = row_format(cfg)
     check_scorers(cfg)
-    try:
-        model = resolve_model_path(base_model(cfg))
-    except FileNotFoundError as err:
-        raise ConfigError(f"control.base_model: {err}") from None
+    model = resolve_model("control.base_model", base_model(cfg))
     check_engine(cfg)
     return {"format": fmt, "model": model, "input": check_prompt_input(cfg)}
 
@@ -238,7 +236,7 @@ def run_control_data(cfg: Config) -> dict:
         rows = seeded_sample(rows, c.limit, cfg.run.seed)
     train, heldout = split_heldout(rows, c.heldout_fraction, cfg.run.seed)
     if not train:
-        raise ValueError(f"control-data: no prompts left to sample after holding out {len(heldout)}")
+        raise InputError(f"control-data: no prompts left to sample after holding out {len(heldout)}")
     out = output_dir(cfg)
     writer = StageWriter(out, "control_data", cfg.hash())
     writer.count_read(counts["read"])
@@ -256,7 +254,7 @@ def run_control_data(cfg: Config) -> dict:
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     kept = sorted(set(range(len(texts))) - set(empty))
     if not kept:
-        raise ValueError("control-data: every sampled response is empty")
+        raise InputError("control-data: every sampled response is empty")
     summaries, assigned = bin_pool({a: [v[i] for i in kept] for a, v in scores.items()}, c.levels)
     level_of = {i: {a: assigned[a][n] for a in c.levels} for n, i in enumerate(kept)}
     samples = [
@@ -306,7 +304,7 @@ def read_control_manifest(cfg: Config) -> dict:
 
     manifest = read_manifest(output_dir(cfg))
     if "control" not in manifest:
-        raise ValueError(f"{output_dir(cfg)} is not a control-data stage (no 'control' in its manifest)")
+        raise InputError(f"{output_dir(cfg)} is not a control-data stage (no 'control' in its manifest)")
     if manifest["control"]["levels"] != cfg.control.levels:
         raise ConfigError(
             f"control.levels {cfg.control.levels} differ from the levels the data was binned with "

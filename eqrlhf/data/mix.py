@@ -137,7 +137,7 @@ def run_mix(cfg) -> dict:
     for cat in shortfall:
         if not mix.with_replacement or available[cat] == 0:
             hint = "" if mix.with_replacement else " (set mix.with_replacement=true to repeat rows)"
-            raise ValueError(
+            raise ConfigError(
                 f"category {cat} asks for {asked[cat]} rows but only {available[cat]} are available in {in_dir}{hint}"
             )
 

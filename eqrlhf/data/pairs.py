@@ -354,7 +354,7 @@ def run_pairs(cfg) -> dict:
     if cfg.pairs.rejected == "on_policy" and mode == "error":  # only the chosen side must exist
         missing, first_missing = scan_missing(in_dir, batch_rows, sides=("chosen",))[1:]
     if mode == "error" and missing:
-        raise ValueError(
+        raise ConfigError(
             f"row {first_missing} in {in_dir} has no chosen/rejected pair ({missing} of {total} rows lack "
             f"one); set pairs.missing=generate to write them or pairs.missing=skip to leave them out"
         )

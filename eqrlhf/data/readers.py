@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from eqrlhf.errors import ConfigError
+
 RAW_CHARS = 500  # how much of an offending record an error keeps
 FORMATS = ("jsonl", "json", "csv", "parquet", "hf_disk", "hub")
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -36,7 +38,7 @@ class Item(NamedTuple):
     error: dict | None = None
 
 
-class SourceError(ValueError):
+class SourceError(ConfigError):
     """A configured source that cannot be read at all (the message names source and path)."""
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from eqrlhf.errors import InputError
+
 ROW_SCHEMA = pa.schema(
     [
         ("id", pa.string()),  # stable: "<source>:<key in source>"
@@ -46,13 +48,13 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
-class RowError(ValueError):
-    """A source record that cannot become a row. ``field`` names what is wrong."""
+class RowError(InputError):
+    """A source record that cannot become a row. ``field`` names what is wrong; the reader adds file and line."""
 
     def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field = field
+        super().__init__(reason, field=field)
         self.reason = reason
+        self.args = (field, reason)  # the constructor's arguments, so that the error pickles
 
 
 @dataclass(frozen=True)

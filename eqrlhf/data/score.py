@@ -25,8 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from eqrlhf.algorithms.catalog import loss_info
-from eqrlhf.config import Config
+from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.schema import ROW_SCHEMA
+from eqrlhf.errors import InputError, InputNotFound
 from eqrlhf.manifest import StageWriter, rows_path
 
 REQUIRED_COLUMNS = ("id", "prompt", "history", "chosen", "rejected")
@@ -75,18 +76,11 @@ def zscore(values: np.ndarray) -> np.ndarray:
 
 def _check_model(key: str, value: str | None) -> str:
     """Resolve a model reference from config key ``key``; errors name the key."""
-    from eqrlhf.models.loading import resolve_model_path
+    from eqrlhf.models.loading import resolve_model
 
     if not value:
-        raise ValueError(f"{key} is not set")
-    try:
-        path = resolve_model_path(value)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{key}: {err}") from None
-    # A hub id is "name" or "org/name"; anything deeper is a local path that does not exist.
-    if not Path(path).exists() and value.count("/") > 1:
-        raise FileNotFoundError(f"{key}: model directory not found: {value}")
-    return path
+        raise ConfigError(f"{key} is not set")
+    return resolve_model(key, value)
 
 
 def _vocab_size(path: str) -> int | None:
@@ -98,7 +92,7 @@ def _check_same_vocab(key: str, path: str, policy_path: str) -> None:
     """Token scores are aligned with the policy's token ids, so a scorer must share its vocabulary."""
     mine, policy = _vocab_size(path), _vocab_size(policy_path)
     if mine is not None and policy is not None and mine != policy:
-        raise ValueError(
+        raise ConfigError(
             f"{key}: vocab_size {mine} differs from model.name_or_path's {policy}; "
             f"token scores must come from a model with the policy's tokenizer"
         )
@@ -111,7 +105,7 @@ def check_models(cfg: Config) -> dict:
     if ama_on(cfg):
         scorer = cfg.ama.scorer
         if scorer == "critic":
-            raise ValueError(
+            raise ConfigError(
                 "ama.scorer=critic: critic scores are the PPO value V_t computed during PPO training, "
                 "not precomputed here; the score stage supports reward_prefix and dpo_implicit"
             )
@@ -122,7 +116,7 @@ def check_models(cfg: Config) -> dict:
             from eqrlhf.models.heads import HEAD_CONFIG
 
             if not (Path(plan["scorer_model"]) / HEAD_CONFIG).is_file():
-                raise FileNotFoundError(
+                raise InputNotFound(
                     f"ama.scorer_model: {plan['scorer_model']} is not a scalar-head model (missing {HEAD_CONFIG}); "
                     f"reward_prefix needs a reward or cost model saved by ScalarHeadLM.save"
                 )
@@ -141,7 +135,7 @@ def check_pairs(rows_dir: Path) -> int:
     dataset = pads.dataset(rows_dir, format="parquet")
     missing_columns = [c for c in REQUIRED_COLUMNS if c not in dataset.schema.names]
     if missing_columns:
-        raise ValueError(f"{rows_dir}: input rows lack column(s) {missing_columns}; is this a pairs stage output?")
+        raise InputError(f"{rows_dir}: input rows lack column(s) {missing_columns}; is this a pairs stage output?")
     where = [c for c in ("file", "line") if c in dataset.schema.names]
     total, problems = 0, []
     for batch in dataset.to_batches(columns=["id", "chosen", "rejected", *where]):
@@ -155,7 +149,7 @@ def check_pairs(rows_dir: Path) -> int:
     if problems:
         shown = "\n  ".join(problems[:MAX_LISTED_ERRORS])
         more = f"\n  ... and {len(problems) - MAX_LISTED_ERRORS} more" if len(problems) > MAX_LISTED_ERRORS else ""
-        raise ValueError(f"{rows_dir}: {len(problems)} pair(s) cannot be scored:\n  {shown}{more}")
+        raise InputError(f"{rows_dir}: {len(problems)} pair(s) cannot be scored:\n  {shown}{more}")
     return total
 
 

@@ -38,6 +38,7 @@ from eqrlhf.data.readers import (
     reason_code,
 )
 from eqrlhf.data.schema import ROW_SCHEMA, Limits, RowError
+from eqrlhf.errors import listing, tried
 
 OUTPUT_SCHEMA = ROW_SCHEMA.append(pa.field("error", pa.string()))
 _EMPTY_ROW = dict.fromkeys(OUTPUT_SCHEMA.names)
@@ -79,7 +80,7 @@ def validate_sources(cfg: Config) -> list[ReadPlan]:
         except SourceError as exc:
             problems.append(str(exc))
     if problems:
-        raise SourceError("invalid data.sources:\n  " + "\n  ".join(problems))
+        raise SourceError(listing("invalid data.sources", problems))
     return plans
 
 
@@ -110,13 +111,13 @@ def _expand(path: Path, src: SourceSection, where: str) -> list[Path]:
     if any(ch in str(path) for ch in "*?["):
         found = [Path(p) for p in sorted(glob.glob(str(path))) if Path(p).is_file()]
         if not found:
-            raise SourceError(f"{where}: the pattern {path} matches no files")
+            raise SourceError(f"{where}: the pattern {tried(path)} matches no files")
         return [p.resolve() for p in found]
     if not path.exists():
         hint = ""
         if src.format == "auto" and src.path.count("/") == 1 and "{" not in src.path:
             hint = " (if this is a hub dataset id, set format: hub)"
-        raise SourceError(f"{where}: path not found: {path}{hint}")
+        raise SourceError(f"{where}: path not found: {tried(path)}{hint}")
     if path.is_dir() and src.format != "hf_disk" and detect_format(path) != "hf_disk":
         found = sorted(p for p in path.iterdir() if p.is_file() and detect_format(p))
         if not found:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from eqrlhf.config import Config, ConfigError
+from eqrlhf.errors import InputNotFound, tried
 
 __all__ = ["evaluate_model", "model_tag", "run_evaluate"]
 
@@ -28,24 +29,13 @@ def model_tag(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def _resolve(key: str, value: str) -> str:
-    from eqrlhf.models.loading import resolve_model_path
-
-    try:
-        path = resolve_model_path(value)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{key}: {err}") from None
-    if not Path(path).exists() and value.count("/") > 1:  # deeper than org/name: a missing local path
-        raise FileNotFoundError(f"{key}: model directory not found: {value}")
-    return path
-
-
 def _scalar_head(key: str, value: str) -> str:
     from eqrlhf.models.heads import HEAD_CONFIG
+    from eqrlhf.models.loading import resolve_model
 
-    path = _resolve(key, value)
+    path = resolve_model(key, value)
     if not (Path(path) / HEAD_CONFIG).is_file():
-        raise FileNotFoundError(f"{key}: {path} is not a scalar-head model (no {HEAD_CONFIG})")
+        raise InputNotFound(f"{path} is not a scalar-head model (no {HEAD_CONFIG})", field=key)
     return path
 
 
@@ -54,16 +44,17 @@ def check_evaluation(cfg: Config, model_path: str) -> dict:
     from eqrlhf.data.categorizers import validate_categorizer
     from eqrlhf.evaluate.judges import calibration_found
     from eqrlhf.evaluate.suites import validate_suites
+    from eqrlhf.models.loading import resolve_model
 
     ev = cfg.eval
     plans = validate_suites(cfg)
     validate_categorizer(cfg)
     if ev.harm_judge_model and ev.cost_model:
         raise ConfigError("eval.harm_judge_model and eval.cost_model are both set: pick one harm judge")
-    paths = {"model": _resolve("eval.model", model_path)}
-    paths["baseline"] = _resolve("eval.baseline_model", ev.baseline_model or cfg.model.name_or_path)
+    paths = {"model": resolve_model("eval.model", model_path)}
+    paths["baseline"] = resolve_model("eval.baseline_model", ev.baseline_model or cfg.model.name_or_path)
     if ev.harm_judge_model:
-        paths["harm_judge"] = _resolve("eval.harm_judge_model", ev.harm_judge_model)
+        paths["harm_judge"] = resolve_model("eval.harm_judge_model", ev.harm_judge_model)
     if ev.cost_model:
         paths["cost"] = _scalar_head("eval.cost_model", ev.cost_model)
     if ev.reward_model:
@@ -74,13 +65,13 @@ def check_evaluation(cfg: Config, model_path: str) -> dict:
     head = cfg.resolve_path(ev.refusal_head)
     if ev.refusal_judge == "embedding" and not head.is_file():
         for problem in filter(None, missing.values()):
-            raise FileNotFoundError(
+            raise InputNotFound(
                 f"{problem}: eval.refusal_head {head} does not exist and would be fitted and validated on it "
                 "(or use eval.refusal_judge=rule)"
             )
     if (ev.harm_judge_model or ev.cost_model) and missing["harm"]:
         kind = "LLM" if ev.harm_judge_model else "cost-model"
-        raise FileNotFoundError(f"{missing['harm']}: the {kind} harm judge is validated on it before use")
+        raise InputNotFound(f"{missing['harm']}: the {kind} harm judge is validated on it before use")
     # a wrong eval.training_data entry fails here, before any model loads
     return {"paths": paths, "plans": plans, "training": training_dirs(cfg)}
 
@@ -176,7 +167,7 @@ def training_dirs(cfg: Config) -> list[Path]:
     dirs = [cfg.resolve_path(d) for d in cfg.eval.training_data]
     for i, d in enumerate(dirs):
         if not (d / MANIFEST).is_file():
-            raise FileNotFoundError(f"eval.training_data[{i}]: no stage output (manifest.json) in {d}")
+            raise InputNotFound(f"no stage output (manifest.json) in {tried(d)}", field=f"eval.training_data[{i}]")
     return dirs
 
 

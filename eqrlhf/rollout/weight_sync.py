@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from eqrlhf.algorithms.logprobs import token_logprobs
+from eqrlhf.errors import InputNotFound
 from eqrlhf.rollout.base import Completion
 
 PackedTensor = tuple[str, str, tuple[int, ...], "np.ndarray | bytes"]
@@ -109,7 +110,7 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of every ``*.safetensors`` file in ``model_dir``, read from the file headers only."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {model_dir}")
+        raise InputNotFound(f"no *.safetensors file in {model_dir}")
     shapes = {}
     for path in files:
         with open(path, "rb") as handle:

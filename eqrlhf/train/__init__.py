@@ -20,6 +20,7 @@ from pathlib import Path
 from eqrlhf.algorithms.catalog import loss_info
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.score import training_input_dir
+from eqrlhf.errors import tried
 from eqrlhf.train.batching import (
     TrainInputError,
     check_input_table,
@@ -46,7 +47,7 @@ __all__ = ["ConfigError", "TrainInputError", "prepare_train", "run_train"]
 
 def prepare_train(cfg: Config) -> dict:
     """Validate config and inputs without Ray; return the plan every worker receives (plain JSON data)."""
-    from eqrlhf.models.loading import resolve_model_path
+    from eqrlhf.models.loading import resolve_model
 
     check_settings(cfg)
     loss = cfg.algorithm.loss
@@ -55,14 +56,12 @@ def prepare_train(cfg: Config) -> dict:
     input_dir = training_input_dir(cfg)
     if not input_dir.exists():
         raise TrainInputError(
-            f"training input {input_dir} does not exist: set train.input, or run the pairs stage "
+            f"training input {tried(input_dir)} does not exist: set train.input, or run the pairs stage "
             "(and the score stage for AMA losses or algorithm.reference=precomputed) first"
         )
     rows = check_input_table(input_dir, loss, ama, precomputed)
-    try:
-        resolve_model_path(cfg.model.name_or_path)  # also converts the bundled model once, before workers race
-    except FileNotFoundError as err:
-        raise ConfigError(f"model.name_or_path: {err}") from None
+    # also converts the bundled model once, before the workers race to
+    resolve_model("model.name_or_path", cfg.model.name_or_path)
     global_batch = global_batch_pairs(cfg.train, cfg.train.num_workers)
     per_epoch = steps_per_epoch(rows, global_batch)
     if per_epoch == 0:

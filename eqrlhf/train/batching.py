@@ -25,13 +25,14 @@ import torch
 
 from eqrlhf.algorithms.catalog import loss_info, response_sides
 from eqrlhf.data.tokenize import encode_pair
+from eqrlhf.errors import InputError
 from eqrlhf.manifest import read_manifest, rows_path
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 MAX_LISTED_ERRORS = 5
 
 
-class TrainInputError(ValueError):
+class TrainInputError(InputError):
     """Training input that cannot be used; the message names the directory, row and field."""
 
 

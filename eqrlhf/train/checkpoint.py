@@ -27,6 +27,8 @@ import os
 import re
 from pathlib import Path
 
+from eqrlhf.errors import InputError, InputNotFound, tried
+
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "checkpoint_manifest.json"
 DS_DIR = "deepspeed"
@@ -112,8 +114,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 def read_trainer_state(path: Path) -> dict:
     path = Path(path)
     if not is_complete(path):
-        raise FileNotFoundError(
-            f"{path} is not a complete training checkpoint (needs {STATE_FILE}, {DS_DIR}/ and {MANIFEST_FILE}); "
+        raise InputNotFound(
+            f"{tried(path)} is not a complete training checkpoint (needs {STATE_FILE}, {DS_DIR}/ and {MANIFEST_FILE}); "
             f"checkpoints are written as <run>/train/checkpoints/step_N"
         )
     return json.loads((path / STATE_FILE).read_text())
@@ -216,7 +218,7 @@ def save_training_checkpoint(engine, out_dir: Path, state: dict, tokenizer, rank
         (out_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(InputError):
     """A checkpoint file holds objects other than tensors, plain containers and the allowed classes."""
 
 
@@ -260,7 +262,7 @@ def load_training_checkpoint(engine, path: Path) -> dict:
     refuse_pickled_code(engine)
     load_path, _ = engine.load_checkpoint(str(Path(path) / DS_DIR), tag=DS_TAG)
     if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no state under {Path(path) / DS_DIR}/{DS_TAG}")
+        raise InputNotFound(f"DeepSpeed found no state under {Path(path) / DS_DIR}/{DS_TAG}")
     return state
 
 
@@ -280,7 +282,7 @@ def load_resume_state(plan: dict, load) -> dict | None:
         for line in [f"skipped Ray Train's latest checkpoint {path}: {reason}", *skipped]:
             print(f"[train] {line}", flush=True)
         if fallback is None:
-            raise FileNotFoundError(f"no checkpoint under {plan['train_dir']}/checkpoints verifies; cannot resume")
+            raise InputNotFound(f"no checkpoint under {plan['train_dir']}/checkpoints verifies; cannot resume")
         return load(fallback)
     if plan["resume_from"]:
         return load(Path(plan["resume_from"]))

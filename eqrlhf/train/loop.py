@@ -23,7 +23,7 @@ from eqrlhf.algorithms.ama import ama_mask
 from eqrlhf.algorithms.catalog import loss_info
 from eqrlhf.algorithms.logprobs import masked_sum, shift_for_causal_lm
 from eqrlhf.algorithms.losses import LossInputs, compute_loss
-from eqrlhf.config import Config, from_dict
+from eqrlhf.config import Config, ConfigError, from_dict
 from eqrlhf.train.batching import PairSource, collate, read_columns, step_rows, worker_micro_batches
 from eqrlhf.train.checkpoint import (
     checkpoint_dir_name,
@@ -269,7 +269,7 @@ def restore(engine, plan: dict) -> int:
     if state is None:
         return 0
     if state["global_batch"] != plan["global_batch"]:
-        raise ValueError(
+        raise ConfigError(
             f"checkpoint at step {state['step']} was trained with global batch {state['global_batch']}, "
             f"this run uses {plan['global_batch']}: the data position would not match"
         )

