@@ -45,7 +45,7 @@ def default_data_root() -> str:
 
 
 # the pipeline's stages, in order (declared in eqrlhf.stages)
-StageName = Literal["categorize", "mix", "pairs", "warm_start", "reward", "score", "train", "evaluate"]
+StageName = Literal["categorize", "mix", "pairs", "warm_start", "on_policy", "reward", "score", "train", "evaluate"]
 
 
 class RunSection(Section):
@@ -173,7 +173,9 @@ class PairsSection(Section):
     missing: Literal["generate", "error", "skip"] = "generate"
     policy: dict[str, ResponsePolicy] = Field(default_factory=dict)  # category -> instruction overrides
     # rejected side: "instructed" (a source answer, else written under the policy instruction) or "on_policy":
-    # sampled from model.name_or_path with no instruction and picked by the refusal judge (eqrlhf.data.onpolicy)
+    # sampled with no instruction from the model DPO starts from and picked by the refusal judge
+    # (eqrlhf.data.onpolicy): model.name_or_path, or with pipeline.warm_start the warm-started model, sampled by
+    # the pipeline's on_policy stage after the warm start (the instructed answers stay where no sample fits)
     rejected: Literal["instructed", "on_policy"] = "instructed"
     samples: int = Field(4, ge=1)  # on_policy: answers sampled per prompt
     sample_temperature: float = Field(1.0, gt=0)  # on_policy: sampling temperature
