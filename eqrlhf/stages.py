@@ -19,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from eqrlhf.algorithms.catalog import ONLINE
+from eqrlhf.algorithms.catalog import ONLINE, ama_on
 from eqrlhf.config import AlgorithmSection, Config
 from eqrlhf.data.categorize_stage import run_categorize
 from eqrlhf.data.categorizers import validate_categorizer
 from eqrlhf.data.categorizers.embedding import head_path
 from eqrlhf.data.mix import run_mix, validate_mix
 from eqrlhf.data.pairs import response_policy, run_pairs
-from eqrlhf.data.score import ama_on, run_score, scoring_needed, training_input_dir
+from eqrlhf.data.score import run_score, scoring_needed, training_input_dir
 from eqrlhf.data.sources import validate_sources
 from eqrlhf.evaluate.suites import validate_suites
 from eqrlhf.pipeline_report import EVALUATE_KEYS, evaluate_before_after
@@ -222,6 +222,7 @@ def _check_pairs(cfg: Config) -> None:
 def _check_evaluate(cfg: Config) -> None:
     validate_suites(cfg)
     validate_categorizer(cfg)
+    check_engine(cfg)
 
 
 # ---- declarations ----------------------------------------------------------------------------------------
