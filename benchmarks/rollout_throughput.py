@@ -146,8 +146,8 @@ def main() -> None:
     from eqrlhf.models.loading import load_tokenizer, resolve_model_path
     from eqrlhf.ray_utils import init_ray
 
-    rollout = {"engine": "vllm", "cpus_per_engine": 1, "kv_cache_gb": args.kv_cache_gb}
-    cfg = from_dict({"model": {"name_or_path": args.model}, "rollout": rollout})
+    rollout = {"cpus_per_engine": 1, "kv_cache_gb": args.kv_cache_gb}
+    cfg = from_dict({"model": {"name_or_path": args.model}, "generation": {"engine": "vllm"}, "rollout": rollout})
     prompts = make_prompts(args.prompts)
     tokenizer = load_tokenizer(resolve_model_path(args.model))
     ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True)["input_ids"] for p in prompts]

@@ -24,9 +24,10 @@ from pydantic import (
     PositiveFloat,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
-from eqrlhf.algorithms.catalog import loss_info
+from eqrlhf.algorithms.catalog import AMA_LOSSES, loss_info
 from eqrlhf.errors import ConfigError, tried
 
 CATEGORIES = ("EHD", "IHD", "MHD", "none")
@@ -42,7 +43,7 @@ def default_data_root() -> str:
 
 
 # the pipeline's stages, in order (declared in eqrlhf.stages)
-StageName = Literal["categorize", "mix", "pairs", "warm_start", "reward", "score", "train", "evaluate"]
+StageName = Literal["categorize", "mix", "pairs", "warm_start", "on_policy", "reward", "score", "train", "evaluate"]
 
 
 class RunSection(Section):
@@ -146,6 +147,8 @@ class MixSection(Section):
 
 
 class GenerationSection(Section):
+    # the one engine selector, for every stage that generates: pairs, the judge categorizer, evaluate and the
+    # PPO rollouts (vLLM's own settings and the engine pool's placement are under `rollout`)
     engine: Literal["hf", "vllm"] = "hf"
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0)  # 0 = greedy
@@ -170,7 +173,9 @@ class PairsSection(Section):
     missing: Literal["generate", "error", "skip"] = "generate"
     policy: dict[str, ResponsePolicy] = Field(default_factory=dict)  # category -> instruction overrides
     # rejected side: "instructed" (a source answer, else written under the policy instruction) or "on_policy":
-    # sampled from model.name_or_path with no instruction and picked by the refusal judge (eqrlhf.data.onpolicy)
+    # sampled with no instruction from the model DPO starts from and picked by the refusal judge
+    # (eqrlhf.data.onpolicy): model.name_or_path, or with pipeline.warm_start the warm-started model, sampled by
+    # the pipeline's on_policy stage after the warm start (the instructed answers stay where no sample fits)
     rejected: Literal["instructed", "on_policy"] = "instructed"
     samples: int = Field(4, ge=1)  # on_policy: answers sampled per prompt
     sample_temperature: float = Field(1.0, gt=0)  # on_policy: sampling temperature
@@ -207,7 +212,8 @@ class AlgorithmSection(Section):
 
 
 class AmaSection(Section):
-    enabled: bool = False
+    """Settings of the AMA mask; the loss name turns AMA on (``algorithm.loss: ama_dpo``, ``ama_ppo``, ...)."""
+
     scorer: Literal["reward_prefix", "dpo_implicit", "critic"] = "reward_prefix"
     rule: Literal["sign", "hysteresis"] = "hysteresis"
     baseline: float = 0.0
@@ -271,9 +277,9 @@ class TrainSection(Section):
 
 
 class RolloutSection(Section):
-    """Generation engines for rollouts (PPO, online sampling), placed apart from the trainer's workers."""
+    """The engine pool (PPO rollouts, evaluate), placed apart from the trainer's workers, and vLLM's engine
+    settings; which engine runs is ``generation.engine``."""
 
-    engine: Literal["vllm", "hf"] = "hf"
     num_engines: int = Field(1, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)  # vLLM only
     gpus_per_engine: float = Field(0.0, ge=0)  # fractional shares one GPU between engines; 0 = CPU
@@ -355,11 +361,13 @@ class EvalSection(Section):
 
 
 class PPOSection(Section):
-    """Online RL (algorithm.loss ppo | ppo_lagrangian): rollouts from the engine pool, critics, GAE.
+    """Online RL (algorithm.loss ppo | ama_ppo | ppo_lagrangian | ama_ppo_lagrangian): rollouts from the engine
+    pool, critics, GAE.
 
-    AMA-PPO is ``ppo`` with ``ama.enabled=true`` and ``ama.scorer=critic`` (docs/method.md section 2.6: rule ``sign`` and
-    ``normalize: none`` on the raw values). One iteration's rollout batch (prompts x samples) is split over
-    the workers and cut into mini-batches of train.micro_batch_size x train.grad_accum x num_workers samples.
+    AMA-PPO is ``ama_ppo`` (or ``ama_ppo_lagrangian``) with ``ama.scorer=critic`` (docs/method.md section 2.6:
+    rule ``sign`` and ``normalize: none`` on the raw values). One iteration's rollout batch (prompts x samples)
+    is split over the workers and cut into mini-batches of train.micro_batch_size x train.grad_accum x
+    num_workers samples.
     """
 
     input: str | None = None  # prompts: a categorized mixture or pairs stage dir; default <run>/mixture
@@ -501,6 +509,24 @@ class Config(Section):
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     control: ControlSection = Field(default_factory=ControlSection)
 
+    @model_validator(mode="after")
+    def _ama_scorer_fits_the_loss(self) -> Config:
+        # critic scores are PPO's value estimates, alive only inside PPO training; offline AMA losses read
+        # scores that the score stage wrote before training
+        loss, scorer = self.algorithm.loss, self.ama.scorer
+        info = loss_info(loss)
+        if info.ama and info.kind == "online" and scorer != "critic":
+            raise ValueError(
+                f"'ama.scorer' is {scorer}, but algorithm.loss={loss} masks tokens with the critic's values: "
+                "set ama.scorer=critic"
+            )
+        if info.ama and info.kind != "online" and scorer == "critic":
+            raise ValueError(
+                f"'ama.scorer' is critic, but critic values exist only in PPO training (ama_ppo): algorithm.loss="
+                f"{loss} takes its token scores from the score stage (ama.scorer=reward_prefix or dpo_implicit)"
+            )
+        return self
+
     def resolve_path(self, path: str) -> Path:
         return Path(path.replace("{data_root}", self.data.data_root)).expanduser()
 
@@ -514,6 +540,15 @@ class Config(Section):
 
 
 # --- loading -----------------------------------------------------------------
+
+# keys that no longer exist, with what replaced them: a config that still sets one fails at load saying so
+REMOVED_KEYS = {
+    "ama.enabled": (
+        f"the loss name turns AMA on: set algorithm.loss to one of {', '.join(AMA_LOSSES)} "
+        "(ppo with ama.enabled=true is algorithm.loss=ama_ppo; where it was false, delete the key)"
+    ),
+    "rollout.engine": "set generation.engine instead: it chooses the engine of every stage, the rollout pool's too",
+}
 
 
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -578,10 +613,13 @@ def _format_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and key in REMOVED_KEYS:
+            lines.append(f"  '{key}' was removed: {REMOVED_KEYS[key]}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}'{_suggest(key)}")
         elif e["type"] == "value_error":  # our own validators: the message says what is wrong
-            lines.append(f"  '{key}': {str(e['ctx']['error'])}")
+            # a check across sections (the model's own validator) has no key of its own: its message names them
+            lines.append(f"  '{key}': {e['ctx']['error']}" if key else f"  {e['ctx']['error']}")
         else:
             lines.append(f"  '{key}': {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

@@ -8,7 +8,8 @@ starts read, branch by branch (a stage with a vLLM engine also reads ``rollout``
 reads the refusal judge's ``eval`` keys): a key missing here is a stale skip, so when a stage starts reading
 a new setting, add it here.
 
-Stage order is pipeline order: categorize -> mix -> pairs -> warm_start -> reward -> score -> train -> evaluate.
+Stage order is pipeline order: categorize -> mix -> pairs -> warm_start -> on_policy -> reward -> score -> train ->
+evaluate.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from eqrlhf.algorithms.catalog import ONLINE
+from eqrlhf.algorithms.catalog import ONLINE, ama_on
 from eqrlhf.config import AlgorithmSection, Config
 from eqrlhf.data.categorize_stage import run_categorize
 from eqrlhf.data.categorizers import validate_categorizer
 from eqrlhf.data.categorizers.embedding import head_path
 from eqrlhf.data.mix import run_mix, validate_mix
 from eqrlhf.data.pairs import response_policy, run_pairs
-from eqrlhf.data.score import ama_on, run_score, scoring_needed, training_input_dir
+from eqrlhf.data.score import run_score, scoring_needed, training_input_dir
 from eqrlhf.data.sources import validate_sources
 from eqrlhf.evaluate.suites import validate_suites
 from eqrlhf.pipeline_report import EVALUATE_KEYS, evaluate_before_after
@@ -123,10 +124,39 @@ def warm_start_config(cfg: Config) -> Config:
     return _training_on_pairs(cfg, "sft", cfg.pipeline.warm_start, warm_start_dir(cfg))
 
 
+# ---- on-policy rejected answers from the warm start ------------------------------------------------------
+
+# pairs.rejected=on_policy samples the rejected side from the model DPO starts from. With a warm start that model
+# only exists after the warm_start stage, which itself trains on the pairs' chosen answers: the pairs stage then
+# writes instructed pairs (the source's rejected answers, or ones written under the policy instruction: the
+# fallback), and the on_policy stage samples the warm-started model over them and writes <run>/on_policy, which
+# the score and train stages read instead of <run>/pairs.
+
+
+def on_policy_after_warm_start(cfg: Config) -> bool:
+    return cfg.pipeline.warm_start is not None and cfg.pairs.rejected == "on_policy"
+
+
+def on_policy_dir(cfg: Config) -> Path:
+    return cfg.run.dir / "on_policy"
+
+
+def on_policy_config(cfg: Config) -> Config:
+    """The on_policy stage's config: the pairs stage's on-policy path over this run's pairs, sampling the
+    warm-started model; every input row already has both answers (missing: error)."""
+    pairs = cfg.pairs.model_copy(
+        update={"input": str(cfg.stage_dir(cfg.pairs.output, "pairs")), "output": str(on_policy_dir(cfg))}
+    )
+    pairs = pairs.model_copy(update={"missing": "error"})
+    model = cfg.model.model_copy(update={"name_or_path": str(warm_start_dir(cfg) / "final"), "gguf_file": None})
+    return cfg.model_copy(update={"pairs": pairs, "model": model})
+
+
 def effective_config(cfg: Config, stage: str | None = None) -> Config:
     """The config ``stage`` sees: the pipeline's reward model filled in where the config leaves it open; with a
     warm start, the warm-started model in place of model.name_or_path for the stages in WARM_STARTED, and
-    the dpo_implicit AMA scorer (when unset) comparing the warm-started model with the base."""
+    the dpo_implicit AMA scorer (when unset) comparing the warm-started model with the base; with a warm start
+    and on-policy rejected answers, instructed pairs first and the on_policy stage's pairs for WARM_STARTED."""
     if reward_stage_needed(cfg):
         final = str(reward_model_dir(cfg) / "final")
         ama = cfg.ama.model_copy(update={"scorer_model": final})
@@ -141,6 +171,12 @@ def effective_config(cfg: Config, stage: str | None = None) -> Config:
         cfg = cfg.model_copy(update={"ama": cfg.ama.model_copy(update={"scorer_model": warm, "scorer_ref_model": ref})})
     if stage in WARM_STARTED:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": warm, "gguf_file": None})})
+    if on_policy_after_warm_start(cfg) and stage == "pairs":
+        cfg = cfg.model_copy(update={"pairs": cfg.pairs.model_copy(update={"rejected": "instructed"})})
+    elif on_policy_after_warm_start(cfg) and stage in WARM_STARTED:
+        sampled = str(on_policy_dir(cfg))
+        ama = cfg.ama if cfg.ama.input else cfg.ama.model_copy(update={"input": sampled})
+        cfg = cfg.model_copy(update={"ama": ama, "pairs": cfg.pairs.model_copy(update={"output": sampled})})
     return cfg
 
 
@@ -186,6 +222,7 @@ def _check_pairs(cfg: Config) -> None:
 def _check_evaluate(cfg: Config) -> None:
     validate_suites(cfg)
     validate_categorizer(cfg)
+    check_engine(cfg)
 
 
 # ---- declarations ----------------------------------------------------------------------------------------
@@ -280,6 +317,16 @@ PIPELINE = [
         warm_start_config,
         warm_start_dir,
         lambda c: c.pipeline.warm_start is not None,
+    ),
+    Stage(
+        "on_policy",
+        lambda c: run_pairs(on_policy_config(c)),
+        "sample the rejected answers from the warm-started model (pipeline only)",
+        lambda c: _pairs_reads(on_policy_config(c)),
+        lambda c: _pairs_inputs(on_policy_config(c)),
+        on_policy_dir,
+        on_policy_after_warm_start,
+        check=lambda c: _check_pairs(on_policy_config(c)),
     ),
     _pipeline_training(
         "reward",

@@ -47,6 +47,9 @@ BAD = [
     ("pipeline", "run.name=", "run.name"),
     ("pipeline", "algorithm.loss=ama_dop", "algorithm.loss"),
     ("train", "algorithm.loss=dpoo", "algorithm.loss"),
+    ("pipeline", "ama.enabled=true", "ama.enabled"),  # removed: the loss name (ama_dpo, ama_ppo) turns AMA on
+    ("train", "rollout.engine=vllm", "rollout.engine"),  # removed: generation.engine chooses every engine
+    ("train", "ama.scorer=critic", "ama.scorer"),  # the quickstart's ama_dpo reads the score stage's scores
 ]
 
 SCRIPT = textwrap.dedent(

@@ -14,10 +14,10 @@ from eqrlhf.config import ConfigError, load_config
 def test_overrides_are_typed_yaml_scalars(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("run:\n  name: demo\nmix:\n  counts: {EHD: 10}\n")
-    cfg = load_config(path, ["mix.counts.IHD=3", "train.zero_stage=3", "train.lr=1e-5", "ama.enabled=true"])
+    cfg = load_config(path, ["mix.counts.IHD=3", "train.zero_stage=3", "train.lr=1e-5", "train.bf16=true"])
     assert cfg.run.name == "demo"
     assert cfg.mix.counts == {"EHD": 10, "IHD": 3}
-    assert cfg.train.zero_stage == 3 and cfg.train.lr == pytest.approx(1e-5) and cfg.ama.enabled is True
+    assert cfg.train.zero_stage == 3 and cfg.train.lr == pytest.approx(1e-5) and cfg.train.bf16 is True
 
 
 def test_unknown_key_suggests_the_closest_valid_one():

@@ -62,7 +62,7 @@ def control_config(assets, name: str, loss: str, **control):
             "data": {"error_budget": 0.2},
             "model": {"name_or_path": str(assets["model"]), "max_length": 128},
             "generation": {"engine": "hf", "device": "cpu", "max_new_tokens": 6, "temperature": 1.0, "batch_size": 32},
-            "rollout": {"engine": "hf", "num_engines": 1, "cpus_per_engine": 1},
+            "rollout": {"num_engines": 1, "cpus_per_engine": 1},
             "algorithm": {"loss": loss},
             "train": {
                 "input": str(assets["root"] / "runs" / name / "control_data"),

@@ -195,8 +195,8 @@ def local_config(tmp_path, **eval_overrides):
             "run": {"output_dir": str(tmp_path / "runs"), "name": "ev", "seed": 0},
             "data": {"data_root": str(tmp_path / "no_shared_data")},  # nothing there: no calibration files either
             "categorize": {"method": "labels", "label_map": {"explicit": "EHD", "implicit": "IHD"}},
-            "generation": {"max_new_tokens": 24, "device": "cpu", "batch_size": 8},
-            "rollout": {"engine": "hf", "num_engines": 1},
+            "generation": {"engine": "hf", "max_new_tokens": 24, "device": "cpu", "batch_size": 8},
+            "rollout": {"num_engines": 1},
             "model": {"max_length": 256},
             "eval": {
                 "suites": local_suites(tmp_path),

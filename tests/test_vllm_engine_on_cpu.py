@@ -55,7 +55,8 @@ def pool(ray_local, models):
     cfg = from_dict(
         {
             "model": {"name_or_path": str(models["path"])},
-            "rollout": {"engine": "vllm", "num_engines": 1, "max_model_len": 512, "kv_cache_gb": 0.25},
+            "generation": {"engine": "vllm"},
+            "rollout": {"num_engines": 1, "max_model_len": 512, "kv_cache_gb": 0.25},
         }
     )
     with EnginePool(cfg) as pool:

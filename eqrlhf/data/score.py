@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from eqrlhf.algorithms.catalog import loss_info
+from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.schema import ROW_SCHEMA
 from eqrlhf.errors import InputError, InputNotFound
@@ -37,10 +37,6 @@ MAX_LISTED_ERRORS = 10
 
 
 # ---- what the stage computes -------------------------------------------------------------------------------
-
-
-def ama_on(cfg: Config) -> bool:
-    return cfg.ama.enabled or loss_info(cfg.algorithm.loss).ama
 
 
 def ref_on(cfg: Config) -> bool:
@@ -103,12 +99,7 @@ def check_models(cfg: Config) -> dict:
     policy = _check_model("model.name_or_path", cfg.model.name_or_path)
     plan = {"scorer": None, "scorer_model": None, "scorer_ref_model": None, "ref_model": None}
     if ama_on(cfg):
-        scorer = cfg.ama.scorer
-        if scorer == "critic":
-            raise ConfigError(
-                "ama.scorer=critic: critic scores are the PPO value V_t computed during PPO training, "
-                "not precomputed here; the score stage supports reward_prefix and dpo_implicit"
-            )
+        scorer = cfg.ama.scorer  # never critic here: the config refuses it for an offline loss at load
         plan["scorer"] = scorer
         plan["scorer_model"] = _check_model("ama.scorer_model", cfg.ama.scorer_model)
         _check_same_vocab("ama.scorer_model", plan["scorer_model"], policy)

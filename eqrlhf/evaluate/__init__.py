@@ -4,7 +4,7 @@
 ``run_evaluate`` is the stage. Order of work: everything that can be wrong with the config or the inputs is
 checked first (suites, models, judges, calibration files), then the prompts are read and categorized, the
 refusal judge loaded (the embedding head is fitted on first use), completions generated through the rollout
-pool (``rollout.engine``: hf or vllm; sampling from ``generation``), judged, and the helpfulness numbers
+pool (``generation.engine``: hf or vllm; sampling from ``generation``), judged, and the helpfulness numbers
 computed in-process. Output in ``<run>/eval/<tag>/``: ``eval.json``, ``completions.jsonl``, ``report.md``,
 ``safety_plane.png``, ``refusal_by_category.png``.
 """
@@ -45,10 +45,12 @@ def check_evaluation(cfg: Config, model_path: str) -> dict:
     from eqrlhf.evaluate.judges import calibration_found
     from eqrlhf.evaluate.suites import validate_suites
     from eqrlhf.models.loading import resolve_model
+    from eqrlhf.rollout import check_engine
 
     ev = cfg.eval
     plans = validate_suites(cfg)
     validate_categorizer(cfg)
+    check_engine(cfg)  # the pool's engines are built in actors: a missing vLLM would surface only there
     if ev.harm_judge_model and ev.cost_model:
         raise ConfigError("eval.harm_judge_model and eval.cost_model are both set: pick one harm judge")
     paths = {"model": resolve_model("eval.model", model_path)}
@@ -221,7 +223,7 @@ def eval_document(cfg: Config, tag, model_path, paths, suites, metrics, helpfuln
         "config_hash": cfg.hash(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "engine": {
-            "engine": cfg.rollout.engine,
+            "engine": cfg.generation.engine,
             "num_engines": cfg.rollout.num_engines,
             "device": cfg.generation.device,
             "batch_size": cfg.generation.batch_size,

@@ -1,10 +1,10 @@
 """Generation engines behind one interface (see :mod:`eqrlhf.rollout.base`).
 
-Two ways to reach an engine: :func:`make_engine` builds one in the calling process (a Ray
-Data actor of the pair generator or the judge categorizer, the evaluator's driver), and
-:class:`eqrlhf.rollout.pool.EnginePool` runs ``rollout.num_engines`` of them as Ray actors in a
-placement group of their own (PPO rollouts). Both serve the same ``generate`` / ``update_weights``
-/ ``health`` interface.
+One setting, ``generation.engine`` (hf or vllm), chooses the engine of every stage, and :func:`make_engine`
+builds every engine: in the calling process (a Ray Data actor of the pair generator or the judge
+categorizer) and in each actor of :class:`eqrlhf.rollout.pool.EnginePool`, which runs
+``rollout.num_engines`` of them in a placement group of their own (PPO rollouts, evaluation). All
+serve the same ``generate`` / ``update_weights`` / ``health`` interface.
 """
 
 from __future__ import annotations
@@ -43,19 +43,20 @@ def check_engine(cfg) -> None:
         )
 
 
-def make_engine(cfg, model: str | None = None) -> RolloutEngine:
+def make_engine(cfg, model: str | None = None, cpu_bind: str | None = None) -> RolloutEngine:
     """The engine named by ``cfg.generation.engine`` for ``model`` (default ``cfg.model.name_or_path``).
 
     ``hf`` takes its batch size and device from ``cfg.generation``; ``vllm`` (a ``vllm.LLM`` in this
     process, batching on its own) takes its engine settings (tensor parallel size, max_model_len, KV
-    cache, eager mode) from ``cfg.rollout``, the same as the engines of the pool.
+    cache, eager mode) from ``cfg.rollout``, and ``cpu_bind`` (the cores of one of several vLLM engines
+    on a CPU machine) from the pool.
     """
     check_engine(cfg)
     gen = cfg.generation
     if gen.engine == "vllm":
         from eqrlhf.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine.from_config(cfg, model)
+        return VLLMEngine.from_config(cfg, model, cpu_bind=cpu_bind)
     from eqrlhf.rollout.hf_engine import HFEngine
 
     return HFEngine(

@@ -19,27 +19,17 @@ class EngineActor:
     """Hosts one engine in a Ray actor (started by the pool in its placement-group bundle)."""
 
     def __init__(self, cfg, model_path: str, slot: int = 0, slots: int = 1):
-        from eqrlhf.rollout import resolve_device
+        from eqrlhf.rollout import make_engine
 
-        self.kind = cfg.rollout.engine
-        if self.kind == "vllm":
-            from eqrlhf.rollout.vllm_engine import VLLMEngine, cpu_bind_spec
+        self.kind = cfg.generation.engine
+        bind = None
+        if self.kind == "vllm" and cfg.rollout.gpus_per_engine == 0:
+            from eqrlhf.rollout.vllm_engine import cpu_bind_spec
 
+            # vLLM engines on one CPU machine would otherwise all bind the same cores
             cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
             bind = cpu_bind_spec(cores, slot, slots, cfg.rollout.tensor_parallel_size)
-            self.engine = VLLMEngine.from_config(
-                cfg, model_path, cpu_bind=bind if cfg.rollout.gpus_per_engine == 0 else None
-            )
-        else:
-            from eqrlhf.rollout.hf_engine import HFEngine
-
-            self.engine = HFEngine(
-                model_path,
-                dtype=cfg.model.dtype,
-                trust_remote_code=cfg.model.trust_remote_code,
-                device=resolve_device(cfg.generation.device),
-                batch_size=cfg.generation.batch_size,
-            )
+        self.engine = make_engine(cfg, model_path, cpu_bind=bind)
 
     def generate(self, prompts: list[Conversation], sampling: Sampling) -> list[Completion]:
         return self.engine.generate(prompts, sampling)

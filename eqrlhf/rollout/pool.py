@@ -1,6 +1,6 @@
 """A pool of rollout engines as Ray actors: one way to generate, whatever the engine.
 
-The engines (``rollout.engine``: ``vllm`` or ``hf``) live in a placement group of their
+The engines (``generation.engine``: ``vllm`` or ``hf``) live in a placement group of their
 own, one bundle per engine (``rollout.cpus_per_engine`` CPUs, ``rollout.gpus_per_engine``
 GPUs, fractions allowed), so rollout capacity is sized apart from the trainer's workers.
 
@@ -98,16 +98,16 @@ class EnginePool:
         from eqrlhf.models.loading import resolve_model_path
         from eqrlhf.ray_utils import init_ray
 
-        r = cfg.rollout
-        if r.engine == "hf" and r.tensor_parallel_size != 1:
-            raise ConfigError("rollout.tensor_parallel_size > 1 needs rollout.engine=vllm")
+        r, kind = cfg.rollout, cfg.generation.engine
+        if kind == "hf" and r.tensor_parallel_size != 1:
+            raise ConfigError("rollout.tensor_parallel_size > 1 needs generation.engine=vllm")
         if r.gpus_per_engine > 1 and r.gpus_per_engine < r.tensor_parallel_size:
             raise ConfigError(
                 f"rollout.gpus_per_engine={r.gpus_per_engine} is less than "
                 f"rollout.tensor_parallel_size={r.tensor_parallel_size}"
             )
         check_sync_method(cfg)
-        if 0 < r.gpus_per_engine < 1 and r.engine == "vllm" and r.gpu_memory_utilization > r.gpus_per_engine:
+        if 0 < r.gpus_per_engine < 1 and kind == "vllm" and r.gpu_memory_utilization > r.gpus_per_engine:
             raise ConfigError(
                 f"rollout.gpu_memory_utilization={r.gpu_memory_utilization} is more than this engine's GPU share "
                 f"rollout.gpus_per_engine={r.gpus_per_engine}: engines sharing a GPU would not all fit"
@@ -306,7 +306,7 @@ class EnginePool:
         if self._group is None:
             r = self.cfg.rollout
             backend, host, port = weight_group_backend(self.cfg), ray.util.get_node_ip_address(), free_port()
-            ranks = r.tensor_parallel_size if r.engine == "vllm" else 1  # group members per engine
+            ranks = r.tensor_parallel_size if self.cfg.generation.engine == "vllm" else 1  # group members per engine
             world = 1 + ranks * len(self._engines)
             joins = [
                 engine.join_weight_group.remote(backend, host, port, 1 + i * ranks, world, r.sync_timeout_s)

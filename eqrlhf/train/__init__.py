@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from eqrlhf.algorithms.catalog import loss_info
+from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.score import training_input_dir
 from eqrlhf.errors import tried
@@ -51,7 +51,7 @@ def prepare_train(cfg: Config) -> dict:
 
     check_settings(cfg)
     loss = cfg.algorithm.loss
-    ama = loss_info(loss).ama
+    ama = ama_on(cfg)
     precomputed = loss_info(loss).uses_reference and cfg.algorithm.reference == "precomputed"
     input_dir = training_input_dir(cfg)
     if not input_dir.exists():

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from eqrlhf.algorithms.ama import ama_mask
-from eqrlhf.algorithms.catalog import loss_info
+from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.algorithms.logprobs import masked_sum, shift_for_causal_lm
 from eqrlhf.algorithms.losses import LossInputs, compute_loss
 from eqrlhf.config import Config, ConfigError, from_dict
@@ -66,7 +66,7 @@ class StepSpec:
         return cls(
             loss=loss,
             kind=loss_info(loss).kind,
-            ama=loss_info(loss).ama,
+            ama=ama_on(cfg),
             reference=algo.reference if loss_info(loss).uses_reference else None,
             lora=cfg.train.lora.r > 0,
             bf16=cfg.train.bf16,

@@ -1,4 +1,4 @@
-"""Online RL on Ray Train: PPO, AMA-PPO (``ppo`` + ``ama.enabled`` with ``ama.scorer: critic``), PPO-Lagrangian.
+"""Online RL on Ray Train: PPO, AMA-PPO (``ama_ppo`` with ``ama.scorer: critic``), PPO-Lagrangian (and its AMA twin).
 
 ``run_ppo(cfg)`` validates everything before Ray starts (loss, reward and cost sources, models, the prompt
 stage and every prompt's length, batch arithmetic, the checkpoint to resume), starts the rollout engine pool
@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from eqrlhf.algorithms.catalog import ONLINE
+from eqrlhf.algorithms.catalog import ONLINE, ama_on, loss_info
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.train.batching import TrainInputError
 from eqrlhf.train.driver import (
@@ -68,12 +68,14 @@ def _check_sources(cfg: Config, policy_path: str) -> dict:
     """
     from eqrlhf.train.rewards import get_rule
 
-    ppo, lagrangian = cfg.ppo, cfg.algorithm.loss == "ppo_lagrangian"
+    ppo, lagrangian = cfg.ppo, loss_info(cfg.algorithm.loss).lagrangian
     sides = [("reward", ppo.reward_model, ppo.reward_rule)]
     if lagrangian:
         sides.append(("cost", ppo.cost_model, ppo.cost_rule))
     elif ppo.cost_model or ppo.cost_rule:
-        raise ConfigError("ppo.cost_model / ppo.cost_rule are used by algorithm.loss=ppo_lagrangian only")
+        raise ConfigError(
+            "ppo.cost_model / ppo.cost_rule are used by algorithm.loss=ppo_lagrangian (or ama_ppo_lagrangian) only"
+        )
     paths = {"reward_model": None, "cost_model": None}
     for side, model, rule in sides:
         if (model is None) == (rule is None):
@@ -92,10 +94,6 @@ def _check_sources(cfg: Config, policy_path: str) -> dict:
 def _check_algorithm(cfg: Config) -> None:
     if cfg.algorithm.loss not in ONLINE:
         raise ConfigError(f"algorithm.loss={cfg.algorithm.loss!r} is not an online RL loss ({', '.join(ONLINE)})")
-    if cfg.ama.enabled and cfg.ama.scorer != "critic":
-        raise ConfigError(
-            f"ama.scorer={cfg.ama.scorer}: AMA-PPO masks tokens with the critic's values; set ama.scorer=critic"
-        )
     if cfg.train.lora.r > 0:
         raise ConfigError(f"train.lora.r={cfg.train.lora.r}: LoRA is not supported by the PPO trainer yet")
 
@@ -137,6 +135,7 @@ def check_prompts(cfg: Config, input_dir: Path, tokenizer) -> tuple[list[int], l
 
 
 def _batch_plan(cfg: Config) -> dict:
+    from eqrlhf.rollout import check_engine
     from eqrlhf.rollout.weight_sync import check_sync_method
     from eqrlhf.train.deepspeed_config import global_batch_pairs
 
@@ -148,7 +147,8 @@ def _batch_plan(cfg: Config) -> dict:
             f"ppo.prompts_per_iteration x ppo.samples_per_prompt = {rollout_batch} episodes must be a multiple of "
             f"the mini-batch train.micro_batch_size x train.grad_accum x train.num_workers = {global_batch}"
         )
-    if cfg.rollout.engine == "vllm" and cfg.model.max_length > cfg.rollout.max_model_len:
+    check_engine(cfg)  # the pool's engines are built in actors: a missing vLLM would surface only there
+    if cfg.generation.engine == "vllm" and cfg.model.max_length > cfg.rollout.max_model_len:
         raise ConfigError(
             f"model.max_length={cfg.model.max_length} exceeds rollout.max_model_len={cfg.rollout.max_model_len}"
         )
@@ -283,7 +283,7 @@ def run_ppo(cfg: Config, pool=None) -> dict:
         "stage": "train",
         "config_hash": plan["config_hash"],
         "loss": cfg.algorithm.loss,
-        "ama": cfg.ama.enabled,
+        "ama": ama_on(cfg),
         "input_dir": plan["input_dir"],
         "prompts": len(plan["prompt_rows"]),
         "prompts_too_long": len(plan["prompts_too_long"]),
@@ -293,7 +293,7 @@ def run_ppo(cfg: Config, pool=None) -> dict:
         "steps_per_iteration": plan["steps_per_iteration"],
         "num_workers": cfg.train.num_workers,
         "zero_stage": cfg.train.zero_stage,
-        "engine": cfg.rollout.engine,
+        "engine": cfg.generation.engine,
         "engines": cfg.rollout.num_engines,
         "start_iteration": plan["start_iteration"],
         "total_iterations": plan["total_iterations"],

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.algorithms.logprobs import shift_for_causal_lm, token_logprobs
 from eqrlhf.algorithms.ppo import (
     critic_value_mask,
@@ -175,7 +176,7 @@ def make_experience(models: Models, episodes: list[dict], cfg: Config, pad_id: i
         gap = (old - batch["engine_logps"]).abs()
         metrics["rollout/logprob_gap"] = float(token_mean(gap, mask))
     mean_cost = 0.0
-    if cfg.algorithm.loss == "ppo_lagrangian":
+    if loss_info(cfg.algorithm.loss).lagrangian:
         costs = episode_scores(models.cost_model, ppo.cost_rule, "ppo.cost_rule", episodes, batch, cfg, micro)
         cost_values = forward_in_micro_batches(lambda b: critic_values(models.cost_critic, b), batch, micro) * mask
         cost_adv, cost_returns = gae(terminal_rewards(mask, costs), cost_values, mask, ppo.gamma, ppo.lam)
@@ -197,7 +198,7 @@ def finish_advantages(batch: dict, cfg: Config, lam: float) -> dict[str, float]:
         advantages = lagrangian_advantages(advantages, batch["cost_advantages"], lam)
     metrics = {"ppo/advantage_mean": float(token_mean(advantages, mask))}
     policy_mask = mask
-    if cfg.ama.enabled:
+    if ama_on(cfg):
         ama = cfg.ama
         baseline = "batch_mean" if ama.baseline_mode == "batch_mean" else ama.baseline
         kept, ama_metrics = critic_value_mask(

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eqrlhf.algorithms.catalog import loss_info
 from eqrlhf.algorithms.ppo import update_log_lambda
 from eqrlhf.config import Config, from_dict
 from eqrlhf.errors import InputNotFound
@@ -132,7 +133,7 @@ def build_models(cfg: Config, plan: dict, world: int) -> Models:
     policy = initialize_engine(model, ds_config, cfg.train.use_gpu, lr_scheduler=_scheduler(cfg, total_steps))
     reward_model, cost_model = plan["reward_model"], plan["cost_model"]  # absolute paths (None for rules)
     critic = build_critic(cfg, reward_model if ppo.critic_init == "reward_model" else None, world, total_steps)
-    lagrangian = cfg.algorithm.loss == "ppo_lagrangian"
+    lagrangian = loss_info(cfg.algorithm.loss).lagrangian
     cost_critic = None
     if lagrangian:
         init = cost_model if ppo.cost_critic_init == "cost_model" else None
@@ -337,6 +338,7 @@ def ppo_loop_per_worker(config: dict) -> None:
         sync_policy(models.policy, pool, cfg, rank)
     writer = MetricsWriter(Path(plan["train_dir"]), start) if rank == 0 else None
     total, shard = plan["total_iterations"], plan["rollout_batch"] // world
+    lagrangian = loss_info(cfg.algorithm.loss).lagrangian
     for iteration in range(start, total):
         started = time.perf_counter()
         torch.manual_seed(cfg.run.seed * 1_000_003 + iteration)
@@ -344,13 +346,13 @@ def ppo_loop_per_worker(config: dict) -> None:
         rollout_s = time.perf_counter() - started
         episodes = broadcast_episodes(episodes)[rank * shard : (rank + 1) * shard]
         experience, metrics, mean_cost = make_experience(models, episodes, cfg, tokenizer.pad_token_id)
-        if cfg.algorithm.loss == "ppo_lagrangian":
+        if lagrangian:
             ppo = cfg.ppo
             log_lambda = update_log_lambda(log_lambda, mean_cost, ppo.cost_threshold, ppo.lambda_lr, ppo.lambda_max)
         metrics.update(ppo_update(models, experience, cfg, iteration, math.exp(log_lambda)))
         metrics.update(memory_metrics(models.policy.device))
         metrics = average_over_workers(metrics, models.policy.device)
-        if cfg.algorithm.loss == "ppo_lagrangian":
+        if lagrangian:
             metrics["lagrangian/lambda"] = math.exp(log_lambda)
         metrics.update(sync_policy(models.policy, pool, cfg, rank))
         metrics["time/rollout_s"] = rollout_s

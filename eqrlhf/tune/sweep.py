@@ -24,6 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
+from eqrlhf.algorithms.catalog import ama_on
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.tune.space import (
     DIRECTIONS,
@@ -91,7 +92,6 @@ TRAIN_TIME_KEYS = (
 
 def data_shared(cfg: Config) -> bool:
     """True when every swept key is train-time: the trials then train on one copy of the data stages."""
-    from eqrlhf.data.score import ama_on
 
     def train_time(name: str) -> bool:
         if name == "algorithm.beta":  # the implicit-reward scorer scales by beta unless a z-score removes it
