@@ -57,7 +57,8 @@ def test_an_unchanged_config_plans_no_work_and_a_first_run_plans_everything(base
     ("change", "first", "reason"),
     [
         ("mix.counts.EHD=31", "mix", "config mix"),
-        ("pairs.rejected=on_policy", "pairs", "config pairs"),
+        # (pairs.rejected=on_policy with a warm start moves the sampling to the on_policy stage: test_pipeline)
+        ("pairs.missing=skip", "pairs", "config pairs"),
         ("eval.refusal_judge=embedding", "pairs", "config eval.refusal_judge"),  # the judged path's judge
         ("rollout.kv_cache_gb=3", "pairs", "config rollout"),  # a vLLM engine in the pairs actors
         ("control.clm_weight=0.5", "train", "config control.clm_weight"),
