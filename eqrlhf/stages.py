@@ -113,6 +113,10 @@ def warm_start_dir(cfg: Config) -> Path:
     return cfg.run.dir / "warm_start"
 
 
+def warm_started_model(cfg: Config) -> str:
+    return str(warm_start_dir(cfg) / "final")
+
+
 def _training_on_pairs(cfg: Config, loss: str, settings, output: Path) -> Config:
     """A pipeline-only training stage's config: ``loss`` on this run's pairs with its own train settings."""
     train = settings.model_copy(update={"input": str(cfg.stage_dir(cfg.pairs.output, "pairs")), "output": str(output)})
@@ -144,12 +148,15 @@ def on_policy_dir(cfg: Config) -> Path:
 def on_policy_config(cfg: Config) -> Config:
     """The on_policy stage's config: the pairs stage's on-policy path over this run's pairs, sampling the
     warm-started model; every input row already has both answers (missing: error)."""
-    pairs = cfg.pairs.model_copy(
-        update={"input": str(cfg.stage_dir(cfg.pairs.output, "pairs")), "output": str(on_policy_dir(cfg))}
-    )
-    pairs = pairs.model_copy(update={"missing": "error"})
-    model = cfg.model.model_copy(update={"name_or_path": str(warm_start_dir(cfg) / "final"), "gguf_file": None})
-    return cfg.model_copy(update={"pairs": pairs, "model": model})
+    given = str(cfg.stage_dir(cfg.pairs.output, "pairs"))
+    pairs = cfg.pairs.model_copy(update={"input": given, "output": str(on_policy_dir(cfg)), "missing": "error"})
+    return _starting_from_warm_start(cfg).model_copy(update={"pairs": pairs})
+
+
+def _starting_from_warm_start(cfg: Config) -> Config:
+    """``cfg`` with the warm-started model in place of model.name_or_path."""
+    model = cfg.model.model_copy(update={"name_or_path": warm_started_model(cfg), "gguf_file": None})
+    return cfg.model_copy(update={"model": model})
 
 
 def effective_config(cfg: Config, stage: str | None = None) -> Config:
@@ -164,16 +171,18 @@ def effective_config(cfg: Config, stage: str | None = None) -> Config:
         cfg = cfg.model_copy(update={"ama": ama, "eval": ev})
     if cfg.pipeline.warm_start is None:
         return cfg
-    warm = str(warm_start_dir(cfg) / "final")
     if ama_on(cfg) and cfg.ama.scorer == "dpo_implicit" and not cfg.ama.scorer_model:
         # what the warm start learned, token by token: log pi_warm(y_t) - log pi_base(y_t)
         ref = cfg.ama.scorer_ref_model or cfg.model.name_or_path
-        cfg = cfg.model_copy(update={"ama": cfg.ama.model_copy(update={"scorer_model": warm, "scorer_ref_model": ref})})
+        ama = cfg.ama.model_copy(update={"scorer_model": warm_started_model(cfg), "scorer_ref_model": ref})
+        cfg = cfg.model_copy(update={"ama": ama})
     if stage in WARM_STARTED:
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": warm, "gguf_file": None})})
-    if on_policy_after_warm_start(cfg) and stage == "pairs":
-        cfg = cfg.model_copy(update={"pairs": cfg.pairs.model_copy(update={"rejected": "instructed"})})
-    elif on_policy_after_warm_start(cfg) and stage in WARM_STARTED:
+        cfg = _starting_from_warm_start(cfg)
+    if not on_policy_after_warm_start(cfg):
+        return cfg
+    if stage == "pairs":
+        return cfg.model_copy(update={"pairs": cfg.pairs.model_copy(update={"rejected": "instructed"})})
+    if stage in WARM_STARTED:
         sampled = str(on_policy_dir(cfg))
         ama = cfg.ama if cfg.ama.input else cfg.ama.model_copy(update={"input": sampled})
         cfg = cfg.model_copy(update={"ama": ama, "pairs": cfg.pairs.model_copy(update={"output": sampled})})
