@@ -233,16 +233,27 @@ def run_in_thread(fn, *args):
     return thread, box
 
 
+def generate_and_kill_engine_1(ray_local, pool, prompts, sampling, took: float):
+    """Run ``pool.generate`` in a thread and kill engine 1 a quarter of the way through.
+
+    ``took`` is how long the same call took before. A fixed one-second sleep raced fast
+    machines: engine 1 had finished its share before the kill, so nothing was restarted.
+    """
+    thread, box = run_in_thread(pool.generate, prompts, sampling)
+    time.sleep(took / 4)
+    ray_local.kill(pool._engines[1], no_restart=True)
+    thread.join(timeout=600)
+    return thread, box
+
+
 def test_killed_engine_is_restarted_with_current_weights_and_nothing_is_lost(ray_local, pool, model_dirs):
     pool.update_weights(state_dict_of(model_dirs[1]).items())
     prompts = PROMPTS * 8  # 40 prompts; 20 per engine, 4 at a time: several seconds of work
     sampling = Sampling(max_new_tokens=48)
+    started = time.perf_counter()
     expected = token_ids(pool.generate(prompts, sampling))
     old_pid = pool.health()[1]["pid"]
-    thread, box = run_in_thread(pool.generate, prompts, sampling)
-    time.sleep(1.0)
-    ray_local.kill(pool._engines[1], no_restart=True)
-    thread.join(timeout=600)
+    thread, box = generate_and_kill_engine_1(ray_local, pool, prompts, sampling, time.perf_counter() - started)
     assert "error" not in box, box.get("error")
     completions = box["result"]
     assert pool.restarts == [0, 1]
@@ -274,13 +285,12 @@ def test_sync_timeout_fails_fast_and_the_pool_heals(pool, model_dirs):
 
 def test_restart_that_outlasts_the_timeout_fails_and_a_later_call_heals(ray_local, pool, model_dirs):
     prompts, sampling = PROMPTS * 8, Sampling(max_new_tokens=48)
+    started = time.perf_counter()
     expected = token_ids(pool.generate(prompts, sampling))
+    took = time.perf_counter() - started
     restarts = list(pool.restarts)
     pool.cfg.rollout.sync_timeout_s = 0.05  # shorter than any engine start (the actor imports and loads a model)
-    thread, box = run_in_thread(pool.generate, prompts, sampling)
-    time.sleep(1.0)
-    ray_local.kill(pool._engines[1], no_restart=True)
-    thread.join(timeout=600)
+    thread, box = generate_and_kill_engine_1(ray_local, pool, prompts, sampling, took)
     assert isinstance(box.get("error"), TimeoutError), box
     assert "restarted engine 1 was not up within rollout.sync_timeout_s=0.05 s" in str(box["error"])
     pool.cfg.rollout.sync_timeout_s = 120
