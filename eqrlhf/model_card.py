@@ -145,7 +145,7 @@ def _evaluation_section(evaluation: dict | None) -> list[str]:
 
     labels = ("harmful compliance (lower is better)", "over-refusal of benign look-alikes (lower is better)")
     labels += ("refusals of ordinary requests (lower is better)", "likelihood retention (higher is better)")
-    columns = [("this model", stats(trained))] + ([("starting model", stats(base))] if base else [])
+    columns = [("this model", stats(trained))] + ([("base model", stats(base))] if base else [])
     lines = [
         "95% intervals and counts; greedy generation"
         f" ({(trained.get('sampling') or {}).get('max_new_tokens', '?')} new tokens).",
@@ -311,6 +311,17 @@ def write_model_card(
     path = checkpoint / CARD
     path.write_text(render_card(facts))
     return path
+
+
+def write_evaluated_card(train_cfg: Config, evaluate_manifest: dict) -> Path | None:
+    """The pipeline's last step: the trained model's card again, now with its evaluation (and the base
+    model's, side by side); None when the run has no trained model."""
+    final = train_cfg.stage_dir(train_cfg.train.output, "train") / "final"
+    if not final.exists():
+        return None
+    docs = {k: _read_json(Path(e["eval_json"])) for k in ("trained", "base") if (e := evaluate_manifest.get(k))}
+    evaluation = {"trained": docs["trained"], "base": docs.get("base")} if docs.get("trained") else None
+    return write_model_card(final, train_cfg, _read_json(final.parent / "manifest.json"), evaluation)
 
 
 def card_for_export(checkpoint: Path) -> str:
