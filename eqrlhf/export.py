@@ -47,22 +47,27 @@ CARD = "README.md"
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 
 
+def _matching(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
+
+
+def _is_model_folder(path: Path) -> bool:
+    # config.json alone is not enough: a pipeline run folder holds the run's config.json too
+    return (path / "config.json").is_file() and bool(_matching(path, WEIGHTS + PICKLED))
+
+
 def find_final_checkpoint(run_dir: Path) -> Path:
     """The model folder ``run_dir`` names: itself, its ``final`` or its ``train/final`` (symlinks resolved)."""
     run_dir = Path(run_dir)
     candidates = [run_dir, run_dir / "final", run_dir / "train" / "final"]
     for candidate in candidates:
-        if (candidate / "config.json").is_file():
+        if candidate.is_dir() and _is_model_folder(candidate):
             return candidate.resolve()
     looked = ", ".join(str(c) for c in candidates)
     raise InputNotFound(
-        f"no model checkpoint in {tried(run_dir)} (looked for config.json in {looked}): pass a pipeline run "
-        "folder, a train stage's output folder or a checkpoint folder"
+        f"no model checkpoint in {tried(run_dir)} (looked for config.json and weights in {looked}): pass a "
+        "pipeline run folder, a train stage's output folder or a checkpoint folder"
     )
-
-
-def _matching(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
 
 
 def serving_files(checkpoint: Path) -> list[Path]:

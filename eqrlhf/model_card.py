@@ -191,7 +191,9 @@ def known_limits(facts: RunFacts, licences: list[dict]) -> list[str]:
             "Prompts were sorted into risk categories by the categorizer head shipped with eqrlhf, fitted on "
             "CC-BY-NC-4.0 data (non-commercial); its macro-F1 is below 0.5, so category counts are approximate."
         )
-    limits.append("English prompts only; single-turn safety behaviour; no adversarial (jailbreak) training.")
+    limits.append(
+        "Measured on single-turn prompts without jailbreak attacks: robustness to adversarial prompts is unknown."
+    )
     return [f"- {line}" for line in limits]
 
 

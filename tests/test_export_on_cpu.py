@@ -50,6 +50,7 @@ def fake_run(root, stage: str, save, loss: str):
         }
     )
     (train_dir / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    (root / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))  # the pipeline's, not a model's
     (train_dir / "manifest.json").write_text(json.dumps({"stage": "train", "loss": loss, "steps_run": 2}))
     return step
 
@@ -147,6 +148,17 @@ def test_reward_model_export_keeps_the_head_and_scores_as_the_source(tmp_path):
         and "score_head.safetensors" in card.text
         and "# tiny: reward model" in card.text
     )
+
+
+def test_export_copies_the_card_the_run_wrote(tmp_path, policy_run):
+    from eqrlhf.model_card import write_model_card
+
+    root = tmp_path / "runs" / "tiny"
+    fake_run(root, "train", lambda path: policy_run["model"].save_pretrained(path), "dpo")
+    cfg = from_dict(json.loads((root / "train" / "train_config.json").read_text()))
+    card = write_model_card(root / "train" / "final", cfg).read_text()
+    export_run(root, tmp_path / "out")
+    assert (tmp_path / "out" / "README.md").read_text() == card and "# tiny: chat model" in card
 
 
 def test_export_refuses_what_it_cannot_serve_safely(tmp_path, policy_run, capsys):
