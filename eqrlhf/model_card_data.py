@@ -8,6 +8,9 @@ reached the training rows (the training input's ``per_source`` counts) is looked
 - a file of the shared data folder is looked up in that folder's ``manifest.json`` (its ``license`` field,
   copied from ``SOURCES.md``); several are CC-BY-NC-4.0, which makes the model non-commercial;
 - anything else is "unknown", and the card says to check it before distributing the model.
+
+A config that trains on an earlier run's output lists no sources of its own: the sources are read from the
+pipeline config that run saved (``<run>/config.json``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eqrlhf.config import CATEGORIES, Config
+from eqrlhf.config import CATEGORIES, Config, from_dict
 
 PROJECT_LICENCE = "Apache-2.0"  # pyproject.toml's [project] license (tests check they agree)
 DEMO_CORPUS = Path(__file__).resolve().parent / "data" / "demo_corpus.jsonl"
@@ -94,10 +97,26 @@ def source_licence(path: Path) -> tuple[str, bool]:
     return _shared_licence(resolved) or "unknown", False
 
 
+def _config_with_sources(cfg: Config, run_root: Path) -> Config:
+    """A config that trains on an earlier run's output (``train.input``) lists no ``data.sources``; the
+    pipeline config that run saved (``<run>/config.json``) does."""
+    from eqrlhf.data.score import training_input_dir
+
+    if cfg.data.sources:
+        return cfg
+    for folder in (run_root, training_input_dir(cfg).parent):
+        saved = folder / "config.json"
+        tree = json.loads(saved.read_text()) if saved.is_file() else None
+        if isinstance(tree, dict) and (tree.get("data") or {}).get("sources"):
+            return from_dict(tree, origin=str(saved))
+    return cfg
+
+
 def data_licences(cfg: Config, run_root: Path) -> list[dict]:
     """Name, path, rows trained on and licence of each data source that reached the training rows."""
     trained = training_manifests(cfg, run_root).get("trained on") or {}
     used = trained.get("per_source")
+    cfg = _config_with_sources(cfg, run_root)
     out = []
     for source in cfg.data.sources:
         if used is not None and source.name not in used:
@@ -115,6 +134,8 @@ def _non_commercial(licence: str) -> bool:
 def model_licence(licences: list[dict]) -> dict:
     """The card's licence: non-commercial when any source is, "other" when one is unknown or restrictive,
     otherwise the project's."""
+    if not licences:
+        return {"id": "other", "non_commercial": [], "unclear": ["the training data"]}
     nc = [s["name"] for s in licences if _non_commercial(s["licence"])]
     if nc:
         return {"id": "cc-by-nc-4.0", "non_commercial": nc, "unclear": []}
@@ -125,7 +146,9 @@ def model_licence(licences: list[dict]) -> dict:
 def licence_section(licences: list[dict], licence: dict) -> list[str]:
     lines = ["### Sources and licences", ""]
     if not licences:
-        return lines + ["No data source is recorded for this run."]
+        return lines + [
+            "No data source is recorded for this run: check the training data's licence before distributing."
+        ]
     lines += ["| source | path | rows trained on | licence |", "|---|---|---|---|"]
     for s in licences:
         rows = "" if s["rows"] is None else s["rows"]

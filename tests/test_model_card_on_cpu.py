@@ -36,7 +36,7 @@ def make_run(root: Path, per_source: dict, overrides=()) -> tuple:
     cfg = load_config("configs/quickstart.yaml", [f"run.output_dir={root}", "run.name=qs", *overrides])
     run = root / "qs"
     stage(run / "mixture", {"EHD": 5, "IHD": 3, "MHD": 2, "none": 10}, {"demo": 20})
-    stage(run / "pairs", {"EHD": 5, "IHD": 3, "MHD": 2, "none": 8}, {"demo": 18})
+    stage(run / "pairs", {"EHD": 5, "IHD": 3, "MHD": 2, "none": 8}, per_source)
     stage(run / "scored", {"EHD": 5, "IHD": 3, "MHD": 2, "none": 8}, per_source)
     step = run / "train" / "checkpoints" / "step_3"
     step.mkdir(parents=True)
@@ -127,3 +127,26 @@ def test_licences_of_the_shared_datasets_come_from_their_manifest(shared_data):
 def test_the_demo_corpus_licence_is_the_projects():
     declared = re.search(r'^license = \{ text = "([^"]+)" \}$', (REPO / "pyproject.toml").read_text(), re.M)
     assert declared and declared.group(1) == PROJECT_LICENCE
+
+
+def test_a_config_that_trains_on_an_earlier_runs_pairs_takes_that_runs_sources(tmp_path):
+    # `eqrlhf train -c configs/train_reward_cpu.yaml` style: train.input is the quickstart run's pairs, and the
+    # config lists no data.sources; the pipeline config that run saved does
+    data = shared_folder(tmp_path / "data")
+    sources = "[{name: nc, path: '{data_root}/safety/nc.jsonl', adapter: generic}]"
+    earlier, _, _ = make_run(tmp_path / "runs", {"nc": 18}, [f"data.data_root={data}", f"data.sources={sources}"])
+    run = tmp_path / "runs" / "qs"
+    (run / "config.json").write_text(json.dumps(earlier.model_dump(mode="json")))
+    cfg = load_config(
+        "configs/train_reward_cpu.yaml", [f"train.input={run / 'pairs'}", f"train.output={run / 'reward_model'}"]
+    )
+    assert cfg.data.sources == []
+    step = run / "reward_model" / "checkpoints" / "step_1"
+    step.mkdir(parents=True)
+    card = ModelCard.load(write_model_card(step, cfg))
+    assert card.data.license == "cc-by-nc-4.0" and card.data.datasets == ["nc"]
+    assert "| nc | `{data_root}/safety/nc.jsonl` | 18 | CC-BY-NC-4.0 |" in card.text
+    # nothing recorded anywhere: the card does not claim a licence
+    (run / "config.json").unlink()
+    card = ModelCard.load(write_model_card(step, cfg))
+    assert card.data.license == "other" and "No data source is recorded for this run" in card.text
