@@ -2,6 +2,7 @@
 
 The config is loaded and validated before anything else happens, so a typo in
 a key fails in milliseconds instead of after a Ray cluster has started.
+``eqrlhf export RUN_DIR OUT_DIR`` and ``eqrlhf compare RUN_DIR...`` read a run's outputs and take no config.
 
 Exit status: 0 done; 2 the config or the input is wrong (an ``eqrlhf.errors.UserError``, also one raised in a
 Ray worker), printed as one message without a traceback (``EQRLHF_DEBUG=1`` shows it); anything else is a bug
@@ -32,6 +33,22 @@ COMMANDS = {
 }
 # single stages run through the registry (skipped when unchanged); the pipeline-only ones are left out
 SINGLE_STAGES = ("categorize", "mix", "pairs", "score", "train")
+# commands that read a run's outputs instead of a config: name -> (module, function, help); the function
+# takes the parsed arguments as keywords
+TOOLS = {
+    "export": ("eqrlhf.export", "main_export", "write a run's final model for serving: weights, tokenizer, card"),
+    "compare": ("eqrlhf.evaluate.compare", "main_compare", "compare evaluated runs: table, paired tests, plot"),
+}
+
+
+def _add_tool_arguments(name: str, p: argparse.ArgumentParser) -> None:
+    if name == "export":
+        p.add_argument("run_dir", help="a pipeline run folder, a train stage's output folder or a checkpoint")
+        p.add_argument("out_dir", help="where to write the export (must not exist or be empty)")
+    else:
+        p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="evaluated runs; the first is the baseline")
+        p.add_argument("--plot", default="compare_safety_plane.png", help="the safety-helpfulness plane PNG")
+        p.add_argument("--json", help="also write the numbers to this file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="run even when nothing it reads has changed")
         if name == "pipeline":
             p.add_argument("--plan", action="store_true", help="print which stages would run or skip, and why")
+    for name, (_, _, help_text) in TOOLS.items():
+        _add_tool_arguments(name, sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -66,8 +85,16 @@ def _runner(args):
     return getattr(importlib.import_module(module), func)
 
 
+def _run_tool(args) -> int:
+    module, func, _ = TOOLS[args.stage]
+    keywords = {k: v for k, v in vars(args).items() if k != "stage"}
+    return _guarded(args.stage, lambda: getattr(importlib.import_module(module), func)(**keywords))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage in TOOLS:
+        return _run_tool(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -77,15 +104,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     run = _runner(args)
+    return _guarded(args.stage, lambda: run(cfg))
+
+
+def _guarded(command: str, call) -> int:
+    """Run ``call``; a user error (also one raised in a Ray worker) prints one line and gives exit status 2."""
     try:
-        run(cfg)
+        call()
     except Exception as err:
         user_error = find_user_error(err)
         if user_error is None:
             raise  # a bug: the traceback is what its report needs
         if os.environ.get("EQRLHF_DEBUG"):
             traceback.print_exc()
-        print(f"eqrlhf {args.stage}: {user_error}", file=sys.stderr)
+        print(f"eqrlhf {command}: {user_error}", file=sys.stderr)
         return 2
     return 0
 

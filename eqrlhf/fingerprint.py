@@ -7,7 +7,8 @@ re-run can say which key or file changed.
 Files are hashed by content. Files over ``SAMPLED_ABOVE`` bytes (weights, optimizer shards, large corpora)
 are hashed by size, modification time and their first and last MiB: reading 10 GiB of checkpoint on every
 ``--plan`` would cost more than the stage. A stage's output folder is hashed through its ``manifest.json``,
-which the stage writes last on every successful run, so a re-run upstream always changes it.
+which the stage writes last on every successful run, so a re-run upstream always changes it. A model
+folder's ``README.md`` (its model card, :mod:`eqrlhf.model_card`) is left out of its digest.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 STATE_FILE = "stage_state.json"
 MANIFEST = "manifest.json"
+CARD = "README.md"
 SAMPLED_ABOVE = 64 * 2**20
 BLOCK = 2**20
 
@@ -54,7 +56,9 @@ def path_digest(path: Path) -> str:
         return file_digest(path)
     if (path / MANIFEST).is_file():
         return file_digest(path / MANIFEST)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
+    # a model card (README.md) describes the folder and is rewritten once the model is evaluated: it changes
+    # nothing a stage computes, so it must not make the stages reading that model re-run
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != CARD)
     return _short(json.dumps([[str(p.relative_to(path)), file_digest(p)] for p in files]).encode())
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.errors import UserError, listing
 from eqrlhf.fingerprint import changed_parts, clear_state, fingerprint, read_state, write_state
+from eqrlhf.model_card import write_evaluated_card
 from eqrlhf.pipeline_report import summary_screen, write_report
 from eqrlhf.stages import PIPELINE, Stage, effective_config
 
@@ -113,8 +114,9 @@ def check_all(stages: list[Stage], cfg: Config) -> None:
 def run_pipeline(cfg: Config, plan_only: bool = False) -> dict:
     """Run the selected stages (skipping unchanged ones); print and return per-stage manifests.
 
-    When the evaluate stage is selected, also writes ``<run>/report.md`` (base vs trained) and prints a
-    one-screen before/after summary; ``report["report"]`` holds its path.
+    When the evaluate stage is selected, also writes ``<run>/report.md`` (base vs trained), rewrites the
+    trained model's card with its evaluation (``report["model_card"]``) and prints a one-screen before/after
+    summary; ``report["report"]`` holds the report's path.
     """
     stages = selected_stages(cfg)  # before the reward model's path is filled in: it decides the reward stage
     if plan_only:
@@ -138,5 +140,9 @@ def run_pipeline(cfg: Config, plan_only: bool = False) -> dict:
     if "evaluate" in report:
         path = write_report(shown, report, timings, seconds)
         report["report"] = str(path)
+        card = write_evaluated_card(effective_config(cfg, "train"), report["evaluate"])
+        if card is not None:
+            report["model_card"] = str(card)
+            print(f"[pipeline] model card: {card}")
         print(summary_screen(shown, report, timings, seconds, path))
     return report

@@ -187,6 +187,19 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
     assert "report: " + str(run / "report.md") in shown and "harmful compliance" in shown
     # each number with its interval and count, and the paired test on the same prompts
     assert "  base     " in shown and "  trained  " in shown and "/2)" in shown and "paired p=" in shown
+    # model cards: every final checkpoint gets one from the train stage; the trained model's is rewritten
+    # with its evaluation at the end (and does not make the rerun below re-run a stage)
+    from huggingface_hub import ModelCard
+
+    assert report["model_card"] == str((run / "train" / "final").resolve() / "README.md")
+    card = ModelCard.load(run / "train" / "final" / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["demo"] and "ama-dpo" in card.data.tags
+    assert "| category | categorized | mixture | pairs | trained on |" in card.text and "| EHD | 80 | 3 |" in card.text
+    assert (
+        "| harmful compliance (lower is better) |" in card.text and "| metric | this model | base model |" in card.text
+    )
+    warm = ModelCard.load(run / "warm_start" / "final" / "README.md")
+    assert "sft" in warm.data.tags and "Not evaluated by its run" in warm.text
 
     again = run_pipeline(load_config("configs/quickstart.yaml", overrides))
     stages = ["categorize", "mix", "pairs", "warm_start", "on_policy", "score", "train", "evaluate"]

@@ -9,6 +9,13 @@ comparing two independent intervals. Several comparisons at once are Holm-correc
 
 prints one table, every model against the first, from each directory's ``eval.json`` and
 ``completions.jsonl``.
+
+``eqrlhf compare RUN_DIR...`` (:func:`main_compare`) is the same test for whole runs: a pipeline run folder
+stands for its trained model's evaluation (``eval/trained``), an evaluation folder for itself. It prints one
+row per run (harmful compliance, over-refusal, helpful refusals and likelihood retention with their 95%
+intervals, then the paired change against the first run with McNemar's p, Holm-adjusted) and writes the
+safety plane of the runs (:func:`eqrlhf.evaluate.report.plot_safety_plane`). Runs that share no prompt id
+with the first are refused (:class:`NoSharedPrompts`): an unpaired comparison is what this command avoids.
 """
 
 from __future__ import annotations
@@ -81,14 +88,23 @@ def paired(first: dict[str, dict], second: dict[str, dict], metric: str) -> dict
     }
 
 
+class NoSharedPrompts(InputError):
+    """An evaluation shares no prompt id with the baseline: there is nothing to pair (the CLI exits 2)."""
+
+
 def compare(eval_dirs: list[Path]) -> dict:
     """Every model against the first on every metric, with raw and Holm-adjusted p-values."""
     if len(eval_dirs) < 2:
         raise InputError("compare needs at least two evaluation directories")
     runs = [load_completions(d) for d in eval_dirs]
     first = runs[0]
-    if not any(set(first) & set(r) for r in runs[1:]):
-        raise InputError(f"no prompt ids in common between {eval_dirs[0]} and the other evaluations")
+    unpaired = [str(d) for d, r in zip(eval_dirs[1:], runs[1:]) if not set(first) & set(r)]
+    if unpaired:
+        raise NoSharedPrompts(
+            f"no prompt ids in common between {eval_dirs[0]} and {', '.join(unpaired)}: the runs were evaluated "
+            "on different prompts (other suites, eval.limit or seed), so they cannot be compared prompt by "
+            "prompt; evaluate them on the same suites and settings"
+        )
     rows = {}
     for d, run in zip(eval_dirs[1:], runs[1:]):
         rows[str(d)] = {m: paired(first, run, m) for m in METRICS}
@@ -122,6 +138,106 @@ def markdown(result: dict) -> str:
                 f"{v['second_only']} / {v['first_only']} | {v['p']:.2g} | {v['p_holm']:.2g} |"
             )
     return "\n".join(lines)
+
+
+# ---- whole runs: `eqrlhf compare RUN_DIR...` ----------------------------------------------------------------
+
+RUN_METRICS = ("harmful compliance", "over-refusal", "helpful refusals", "likelihood retention")
+
+
+def evaluation_dir(run_dir: Path) -> Path:
+    """The evaluation a run folder stands for: itself when it holds one, else its trained model's."""
+    run_dir = Path(run_dir)
+    for candidate in (run_dir, run_dir / "eval" / "trained"):
+        if (candidate / "eval.json").is_file() and (candidate / "completions.jsonl").is_file():
+            return candidate
+    raise InputNotFound(
+        f"no evaluation in {tried(run_dir)}: expected eval.json and completions.jsonl in it or in its "
+        "eval/trained (run `eqrlhf evaluate`, or the pipeline's evaluate stage, first)"
+    )
+
+
+def run_stats(doc: dict) -> dict:
+    """The four headline numbers of one ``eval.json``, each a rate or a mean with its interval."""
+    head = doc.get("headline", {})
+    helpful = ((doc.get("metrics") or {}).get("by_kind", {}).get("helpful") or {}).get("refusal")
+    return {
+        "harmful compliance": head.get("harmful_compliance"),
+        "over-refusal": head.get("over_refusal"),
+        "helpful refusals": helpful,
+        "likelihood retention": head.get("likelihood_retention"),
+    }
+
+
+def _paired_cell(v: dict) -> str:
+    if not v["n"]:
+        return "no shared prompts"
+    return f"{100 * v['difference']:+.1f} pts, p={v['p']:.2g} (Holm {v['p_holm']:.2g}), n={v['n']}"
+
+
+def runs_table(labels: list[str], docs: list[dict], paired_result: dict) -> str:
+    """One row per run: its own numbers with 95% intervals, then the paired change against the first run."""
+    from eqrlhf.evaluate.report import fmt_mean, fmt_rate
+
+    head = "| run | " + " | ".join(RUN_METRICS) + " | " + " | ".join(f"vs first: {m}" for m in RUN_METRICS[:3])
+    lines = [
+        f"Each run's own rates with 95% intervals; then, against `{labels[0]}` on the prompt ids both were "
+        "judged on, the change in points and McNemar's exact p (Holm-adjusted over the table).",
+        "",
+        head + " |",
+        "|---" * (1 + len(RUN_METRICS) + 3) + "|",
+    ]
+    against = list(paired_result["against"].values())
+    for i, (label, doc) in enumerate(zip(labels, docs)):
+        stats = run_stats(doc)
+        cells = [fmt_rate(stats[m]) for m in RUN_METRICS[:3]] + [fmt_mean(stats["likelihood retention"])]
+        paired_cells = ["baseline"] * 3 if i == 0 else [_paired_cell(against[i - 1][m]) for m in METRICS]
+        lines.append(f"| `{label}` | " + " | ".join(cells + paired_cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_runs(labels: list[str], docs: list[dict], path: Path) -> None:
+    """The safety plane of the runs (one point per run, 95% interval bars), the first run starred."""
+    from eqrlhf.evaluate.report import plot_safety_plane
+
+    points = []
+    for label, doc in zip(labels, docs):
+        head = dict(doc.get("headline", {}))
+        for key, value in (("harmful_compliance", "rate"), ("over_refusal", "rate"), ("likelihood_retention", "mean")):
+            head.setdefault(key, {value: None, "ci95": None})  # a run without that suite is left off the panel
+        points.append({"tag": label, "headline": head})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    plot_safety_plane(points, labels[0], Path(path))
+
+
+def compare_runs(run_dirs: list[Path], plot: Path | None = None) -> dict:
+    """Paired comparison of whole runs against the first (:func:`compare`), the table and the plot."""
+    if len(run_dirs) < 2:
+        raise InputError("compare needs at least two runs (the first is the baseline)")
+    eval_dirs = [evaluation_dir(Path(d)) for d in run_dirs]
+    result = compare(eval_dirs)
+    docs = [json.loads((d / "eval.json").read_text()) for d in eval_dirs]
+    labels = [str(d) for d in run_dirs]
+    labels = [f"{label} ({i + 1})" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+    result["runs"] = {label: {"eval_dir": str(d), **run_stats(doc)} for label, d, doc in zip(labels, eval_dirs, docs)}
+    result["table"] = runs_table(labels, docs, result)
+    if plot is not None:
+        plot_runs(labels, docs, plot)
+        result["plot"] = str(plot)
+    return result
+
+
+def main_compare(run_dirs: list[str], plot: str | None = None, json: str | None = None) -> dict:
+    """The CLI's ``eqrlhf compare``: print the table, write the plot (and the numbers with ``--json``)."""
+    import json as json_module
+
+    result = compare_runs([Path(d) for d in run_dirs], Path(plot) if plot else None)
+    print(result["table"])
+    if plot:
+        print(f"\nsafety plane: {plot}")
+    if json:
+        Path(json).write_text(json_module.dumps(result, indent=2))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

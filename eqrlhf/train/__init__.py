@@ -21,6 +21,7 @@ from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.score import training_input_dir
 from eqrlhf.errors import tried
+from eqrlhf.model_card import write_model_card
 from eqrlhf.train.batching import (
     TrainInputError,
     check_input_table,
@@ -198,6 +199,8 @@ def run_train(cfg: Config) -> dict:
         "tensorboard": str(out / TB_DIR),
     }
     manifest["final"] = link_final(out, manifest["final_checkpoint"])
+    if manifest["final"]:  # its model card: config, data mixture and licence (the pipeline adds the evaluation)
+        manifest["model_card"] = str(write_model_card(manifest["final"], cfg, train_manifest=manifest))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     print(summary_text(manifest), flush=True)
     return manifest

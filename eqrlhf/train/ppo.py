@@ -22,6 +22,7 @@ from pathlib import Path
 
 from eqrlhf.algorithms.catalog import ONLINE, ama_on, loss_info
 from eqrlhf.config import Config, ConfigError
+from eqrlhf.model_card import write_model_card
 from eqrlhf.train.batching import TrainInputError
 from eqrlhf.train.driver import (
     CHECKPOINTS,
@@ -306,6 +307,8 @@ def run_ppo(cfg: Config, pool=None) -> dict:
         "metrics_file": str(out / METRICS_FILE),
     }
     manifest["final"] = link_final(out, manifest["final_checkpoint"])
+    if manifest["final"]:  # its model card: config, data mixture and licence (the pipeline adds the evaluation)
+        manifest["model_card"] = str(write_model_card(manifest["final"], cfg, train_manifest=manifest))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     print(summary_text(manifest), flush=True)
     return manifest
