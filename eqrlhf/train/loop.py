@@ -23,7 +23,7 @@ from eqrlhf.algorithms.ama import ama_mask
 from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.algorithms.logprobs import masked_sum, shift_for_causal_lm
 from eqrlhf.algorithms.losses import LossInputs, compute_loss
-from eqrlhf.config import Config, ConfigError, from_dict
+from eqrlhf.config import Config, ConfigError
 from eqrlhf.train.batching import PairSource, collate, read_columns, step_rows, worker_micro_batches
 from eqrlhf.train.checkpoint import (
     checkpoint_dir_name,
@@ -312,7 +312,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     from eqrlhf.models.loading import load_tokenizer
 
-    cfg, plan = from_dict(config["cfg"]), config["plan"]
+    # the config object itself, not a dump rebuilt here: it keeps the stage's restriction (eqrlhf.restricted_config)
+    cfg, plan = config["cfg"], config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train = cfg.train
