@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, PrivateAttr
+from pydantic_core import to_jsonable_python
 
 # Keys every stage may read without declaring them. They only name folders: the output folder
 # (run.dir = <run.output_dir>/<run.name>, also the default of every stage's input folder) and the files
@@ -112,6 +113,19 @@ def restrict(cfg: RestrictableSection, keys: tuple[str, ...], stage: str) -> Any
     _prune(restricted, _wanted_tree((*keys, *ALWAYS_ALLOWED)), stage, "")
     restricted._whole = whole_config_for_records(cfg)
     return restricted
+
+
+def declared_tree(cfg: RestrictableSection, keys: tuple[str, ...]) -> dict:
+    """The JSON tree of only ``keys``, read through ``cfg`` (an undeclared one raises): what a stage that
+    fingerprints part of its own work (the evaluate stage's base model) digests instead of a dump."""
+    tree: dict = {}
+    for key in keys:
+        *parents, last = key.split(".")
+        node, value = tree, cfg
+        for part in parents:
+            node, value = node.setdefault(part, {}), getattr(value, part)
+        node[last] = to_jsonable_python(getattr(value, last))
+    return tree
 
 
 def whole_config_for_records(cfg: Any) -> Any:

@@ -61,27 +61,33 @@ class StepSpec:
 
     @classmethod
     def from_config(cls, cfg: Config) -> StepSpec:
-        loss, algo = cfg.algorithm.loss, cfg.algorithm
-        baseline = "batch_mean" if cfg.ama.baseline_mode == "batch_mean" else cfg.ama.baseline
+        loss, algo, ama = cfg.algorithm.loss, cfg.algorithm, ama_on(cfg)
+        # the AMA settings and exmate's weight only where they matter: the warm start (sft) and the reward model
+        # do not declare them (eqrlhf.stages), so a change to them must not be read there
+        ama_params = {}
+        if ama:  # scores arrive normalised by the scoring stage, hence normalize="none"
+            baseline = "batch_mean" if cfg.ama.baseline_mode == "batch_mean" else cfg.ama.baseline
+            ama_params = {"rule": cfg.ama.rule, "baseline": baseline, "tau": cfg.ama.tau, "normalize": "none"}
+        loss_params = {
+            "beta": algo.beta,
+            "label_smoothing": algo.label_smoothing,
+            "bfpo_alpha": algo.bfpo_alpha,
+            "bfpo_tau": algo.bfpo_tau,
+        }
+        if loss == "exmate":
+            loss_params["exmate_clm_weight"] = cfg.control.clm_weight
         return cls(
             loss=loss,
             kind=loss_info(loss).kind,
-            ama=ama_on(cfg),
+            ama=ama,
             reference=algo.reference if loss_info(loss).uses_reference else None,
             lora=cfg.train.lora.r > 0,
             bf16=cfg.train.bf16,
             chunk_size=cfg.train.logprob_chunk_size,
             compile=cfg.train.compile,
             share_prompt=cfg.train.share_prompt,
-            loss_params={
-                "beta": algo.beta,
-                "label_smoothing": algo.label_smoothing,
-                "bfpo_alpha": algo.bfpo_alpha,
-                "bfpo_tau": algo.bfpo_tau,
-                "exmate_clm_weight": cfg.control.clm_weight,
-            },
-            # scores arrive normalised by the scoring stage, hence normalize="none"
-            ama_params={"rule": cfg.ama.rule, "baseline": baseline, "tau": cfg.ama.tau, "normalize": "none"},
+            loss_params=loss_params,
+            ama_params=ama_params,
         )
 
 
