@@ -29,11 +29,12 @@ from pydantic import (
 
 from eqrlhf.algorithms.catalog import AMA_LOSSES, loss_info
 from eqrlhf.errors import ConfigError, tried
+from eqrlhf.restricted_config import RestrictableSection, whole_config_for_records
 
 CATEGORIES = ("EHD", "IHD", "MHD", "none")
 
 
-class Section(BaseModel):
+class Section(RestrictableSection):  # a stage gets a copy restricted to its declared keys (eqrlhf.stages)
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -534,8 +535,9 @@ class Config(Section):
         return self.resolve_path(explicit) if explicit else self.run.dir / default_name
 
     def hash(self) -> str:
-        """Stable hash of the resolved config (written into every manifest)."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Stable hash of the resolved config (written into every manifest); of the whole config also when a
+        stage holds a restricted copy: it is a record of the run."""
+        text = json.dumps(whole_config_for_records(self).model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -22,6 +22,7 @@ from eqrlhf.errors import UserError, listing
 from eqrlhf.fingerprint import changed_parts, clear_state, fingerprint, read_state, write_state
 from eqrlhf.model_card import write_evaluated_card
 from eqrlhf.pipeline_report import summary_screen, write_report
+from eqrlhf.restricted_config import restrict
 from eqrlhf.stages import PIPELINE, Stage, effective_config
 
 MANIFEST = "manifest.json"
@@ -91,7 +92,8 @@ def run_stage(stage: Stage, cfg: Config, force: bool = False, label: str = "") -
         return {"skipped": True, **json.loads((out_dir / MANIFEST).read_text())}
     print(f"{prefix} {stage.name}: running ({'; '.join(decision.reasons)})", flush=True)
     clear_state(out_dir)
-    manifest = stage.run(cfg)
+    # the stage sees only its declared keys; the fingerprint above and below is of the whole config
+    manifest = stage.run(restrict(cfg, stage.reads(cfg), stage.name))
     # recomputed after the run: a stage may write an input it reads (the refusal judge's head on first use)
     write_state(out_dir, stage.name, fingerprint(cfg.model_dump(mode="json"), stage.reads(cfg), stage.inputs(cfg)))
     return manifest
