@@ -22,6 +22,7 @@ from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.score import training_input_dir
 from eqrlhf.errors import tried
 from eqrlhf.model_card import write_model_card
+from eqrlhf.tracking import training_plan
 from eqrlhf.train.batching import (
     TrainInputError,
     check_input_table,
@@ -98,6 +99,7 @@ def prepare_train(cfg: Config) -> dict:
         "start_step": start,
         "resume_from": str(resume_from) if resume_from else None,
         "config_hash": cfg.hash(),
+        "tracking": training_plan(cfg, out),  # MLflow / W&B run of rank 0; None when off
     }
 
 
