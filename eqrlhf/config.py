@@ -492,6 +492,18 @@ class ControlSection(Section):
     serve_levels: dict[str, int] | None = None
 
 
+class TrackingSection(Section):
+    """Experiment tracking (eqrlhf.tracking). The trainer writes TensorBoard logs to <train dir>/tb whatever the
+    backend (``tensorboard`` is just those); ``mlflow`` and ``wandb`` need ``pip install 'eqrlhf[tracking]'``."""
+
+    backend: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
+    # None: sqlite:///<run>/mlflow.db, artifacts in <run>/mlartifacts (no server; MLflow's file store is deprecated)
+    mlflow_uri: str | None = None
+    experiment: str | None = None  # MLflow experiment, W&B group; None = run.name (a sweep: <run.name>-<sweep.name>)
+    wandb_project: str = "eqrlhf"
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline needs no account; `wandb sync` uploads later
+
+
 class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -509,6 +521,7 @@ class Config(Section):
     sweep: SweepSection = Field(default_factory=SweepSection)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     control: ControlSection = Field(default_factory=ControlSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
     def _ama_scorer_fits_the_loss(self) -> Config:

@@ -23,6 +23,7 @@ from eqrlhf.data.score import training_input_dir
 from eqrlhf.errors import tried
 from eqrlhf.model_card import write_model_card
 from eqrlhf.restricted_config import whole_config_for_records
+from eqrlhf.tracking import training_plan
 from eqrlhf.train.batching import (
     TrainInputError,
     check_input_table,
@@ -99,6 +100,7 @@ def prepare_train(cfg: Config) -> dict:
         "start_step": start,
         "resume_from": str(resume_from) if resume_from else None,
         "config_hash": cfg.hash(),
+        "tracking": training_plan(cfg, out),  # MLflow / W&B run of rank 0; None when off
     }
 
 

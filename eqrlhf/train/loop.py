@@ -354,7 +354,7 @@ def train_loop_per_worker(config: dict) -> None:
     source = PairSource(
         read_columns(Path(plan["input_dir"]), plan["columns"]), tokenizer, cfg.model.max_length, spec.loss
     )
-    writer = MetricsWriter(Path(plan["train_dir"]), start) if rank == 0 else None
+    writer = MetricsWriter(Path(plan["train_dir"]), start, plan.get("tracking")) if rank == 0 else None
     bar = _progress(rank, total, start)
     global_batch, per_epoch = plan["global_batch"], plan["steps_per_epoch"]
     engine.train()

@@ -24,6 +24,7 @@ from eqrlhf.algorithms.catalog import ONLINE, ama_on, loss_info
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.model_card import write_model_card
 from eqrlhf.restricted_config import whole_config_for_records
+from eqrlhf.tracking import check_tracking, training_plan
 from eqrlhf.train.batching import TrainInputError
 from eqrlhf.train.driver import (
     CHECKPOINTS,
@@ -169,6 +170,7 @@ def prepare_ppo(cfg: Config) -> dict:
     from eqrlhf.train.checkpoint import read_trainer_state
 
     _check_algorithm(cfg)
+    check_tracking(cfg)
     policy_path = resolve_model("model.name_or_path", cfg.model.name_or_path)
     plan = {**_batch_plan(cfg), **_check_sources(cfg, policy_path)}
     input_dir = prompt_input_dir(cfg)
@@ -198,6 +200,7 @@ def prepare_ppo(cfg: Config) -> dict:
         "resume_from": str(resume_from) if resume_from else None,
         "sync_at_start": False,
         "config_hash": cfg.hash(),
+        "tracking": training_plan(cfg, out),  # MLflow / W&B run of rank 0; None when off
     }
 
 

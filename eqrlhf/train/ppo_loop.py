@@ -337,7 +337,7 @@ def ppo_loop_per_worker(config: dict) -> None:
     rows = read_prompt_rows(plan) if rank == 0 else None
     if start > 0 or plan["sync_at_start"]:  # engines must generate with exactly the policy we continue from
         sync_policy(models.policy, pool, cfg, rank)
-    writer = MetricsWriter(Path(plan["train_dir"]), start) if rank == 0 else None
+    writer = MetricsWriter(Path(plan["train_dir"]), start, plan.get("tracking")) if rank == 0 else None
     total, shard = plan["total_iterations"], plan["rollout_batch"] // world
     lagrangian = loss_info(cfg.algorithm.loss).lagrangian
     for iteration in range(start, total):
