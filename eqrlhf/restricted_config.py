@@ -21,7 +21,9 @@ from pydantic_core import to_jsonable_python
 # (run.dir = <run.output_dir>/<run.name>, also the default of every stage's input folder) and the files
 # under {data_root}. A path is fingerprinted by itself: an input is a fingerprint part named by its
 # resolved path, and a new output folder holds no state, so changing one of these re-runs the stage.
-ALWAYS_ALLOWED = ("run.name", "run.output_dir", "data.data_root")
+# `tracking` says where a run's records go (MLflow / W&B), never what a stage computes: changing it must not
+# re-run a stage, so it is readable everywhere and in no fingerprint.
+ALWAYS_ALLOWED = ("run.name", "run.output_dir", "data.data_root", "tracking")
 
 DECLARED_IN = "eqrlhf/stages.py"
 

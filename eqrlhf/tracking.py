@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 from eqrlhf.config import Config, ConfigError
+from eqrlhf.restricted_config import whole_config_for_records
 
 EXTRA = "pip install 'eqrlhf[tracking]'"
 PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}  # backend -> module it imports
@@ -122,7 +123,7 @@ def training_plan(cfg: Config, train_dir: Path) -> dict | None:
     plan = {
         "backend": cfg.tracking.backend,
         "run_name": Path(train_dir).name,
-        "params": flatten(cfg.model_dump(mode="json")),
+        "params": flatten(whole_config_for_records(cfg).model_dump(mode="json")),  # a stage's copy refuses dumps
     }
     try:
         if cfg.tracking.backend == "mlflow":
