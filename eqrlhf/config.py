@@ -29,11 +29,12 @@ from pydantic import (
 
 from eqrlhf.algorithms.catalog import AMA_LOSSES, loss_info
 from eqrlhf.errors import ConfigError, tried
+from eqrlhf.restricted_config import RestrictableSection, whole_config_for_records
 
 CATEGORIES = ("EHD", "IHD", "MHD", "none")
 
 
-class Section(BaseModel):
+class Section(RestrictableSection):  # a stage gets a copy restricted to its declared keys (eqrlhf.stages)
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -491,6 +492,18 @@ class ControlSection(Section):
     serve_levels: dict[str, int] | None = None
 
 
+class TrackingSection(Section):
+    """Experiment tracking (eqrlhf.tracking). The trainer writes TensorBoard logs to <train dir>/tb whatever the
+    backend (``tensorboard`` is just those); ``mlflow`` and ``wandb`` need ``pip install 'eqrlhf[tracking]'``."""
+
+    backend: Literal["none", "tensorboard", "mlflow", "wandb"] = "none"
+    # None: sqlite:///<run>/mlflow.db, artifacts in <run>/mlartifacts (no server; MLflow's file store is deprecated)
+    mlflow_uri: str | None = None
+    experiment: str | None = None  # MLflow experiment, W&B group; None = run.name (a sweep: <run.name>-<sweep.name>)
+    wandb_project: str = "eqrlhf"
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline needs no account; `wandb sync` uploads later
+
+
 class Config(Section):
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -508,6 +521,7 @@ class Config(Section):
     sweep: SweepSection = Field(default_factory=SweepSection)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     control: ControlSection = Field(default_factory=ControlSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
     def _ama_scorer_fits_the_loss(self) -> Config:
@@ -534,8 +548,9 @@ class Config(Section):
         return self.resolve_path(explicit) if explicit else self.run.dir / default_name
 
     def hash(self) -> str:
-        """Stable hash of the resolved config (written into every manifest)."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Stable hash of the resolved config (written into every manifest); of the whole config also when a
+        stage holds a restricted copy: it is a record of the run."""
+        text = json.dumps(whole_config_for_records(self).model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -22,7 +22,9 @@ from eqrlhf.errors import UserError, listing
 from eqrlhf.fingerprint import changed_parts, clear_state, fingerprint, read_state, write_state
 from eqrlhf.model_card import write_evaluated_card
 from eqrlhf.pipeline_report import summary_screen, write_report
+from eqrlhf.restricted_config import restrict
 from eqrlhf.stages import PIPELINE, Stage, effective_config
+from eqrlhf.tracking import PipelineRun, check_tracking
 
 MANIFEST = "manifest.json"
 
@@ -91,7 +93,8 @@ def run_stage(stage: Stage, cfg: Config, force: bool = False, label: str = "") -
         return {"skipped": True, **json.loads((out_dir / MANIFEST).read_text())}
     print(f"{prefix} {stage.name}: running ({'; '.join(decision.reasons)})", flush=True)
     clear_state(out_dir)
-    manifest = stage.run(cfg)
+    # the stage sees only its declared keys; the fingerprint above and below is of the whole config
+    manifest = stage.run(restrict(cfg, stage.reads(cfg), stage.name))
     # recomputed after the run: a stage may write an input it reads (the refusal judge's head on first use)
     write_state(out_dir, stage.name, fingerprint(cfg.model_dump(mode="json"), stage.reads(cfg), stage.inputs(cfg)))
     return manifest
@@ -123,14 +126,27 @@ def run_pipeline(cfg: Config, plan_only: bool = False) -> dict:
         decisions = plan(cfg, stages)
         print_plan(decisions)
         return {d.stage.name: {"run": d.run, "reasons": d.reasons} for d in decisions}
+    check_tracking(cfg)
     check_all(stages, cfg)  # the raw config: each stage gets its own effective_config below
     shown = effective_config(cfg)  # the run's config as written and reported
     cfg.run.dir.mkdir(parents=True, exist_ok=True)
     (cfg.run.dir / "config.json").write_text(json.dumps(shown.model_dump(mode="json"), indent=2))
+    tracked = PipelineRun(shown)  # the MLflow / W&B parent run (eqrlhf.tracking); a no-op when tracking is off
+    try:
+        report = _run_selected(cfg, stages, shown, tracked)
+    except BaseException:
+        tracked.finish(None)
+        raise
+    tracked.finish(report)
+    return report
+
+
+def _run_selected(cfg: Config, stages: list[Stage], shown: Config, tracked: PipelineRun) -> dict:
     report, timings, started_all = {}, {}, time.time()
     for stage in stages:
         started = time.time()
         report[stage.name] = run_stage(stage, effective_config(cfg, stage.name), label="pipeline")
+        tracked.stage(stage.name, report[stage.name], stage.output(effective_config(cfg, stage.name)))
         skipped = report[stage.name].get("skipped", False)
         timings[stage.name] = None if skipped else round(time.time() - started, 1)
         if not skipped:

@@ -14,6 +14,7 @@ from pathlib import Path
 from eqrlhf.config import CATEGORIES, Config
 from eqrlhf.errors import InputNotFound, tried
 from eqrlhf.fingerprint import fingerprint
+from eqrlhf.restricted_config import declared_tree
 
 EVAL_MANIFEST = "manifest.json"
 BASE_TAG, TRAINED_TAG = "base", "trained"
@@ -64,7 +65,8 @@ EVALUATE_KEYS = ("eval", "generation", "model", "categorize", "data", "rollout",
 def _base_fingerprint(cfg: Config) -> str:
     """The base model's evaluation depends on the evaluate stage's keys and the base model's files."""
     local = Path(cfg.model.name_or_path)
-    parts = fingerprint(cfg.model_dump(mode="json"), EVALUATE_KEYS, [local] if local.exists() else [])
+    tree = declared_tree(cfg, EVALUATE_KEYS)  # not cfg.model_dump(): the stage holds only its declared keys
+    parts = fingerprint(tree, EVALUATE_KEYS, [local] if local.exists() else [])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -6,7 +6,8 @@ A stage's fingerprint (eqrlhf.fingerprint) is the digest of each declared key's 
 or folder, and of the package version. The declared keys are what the stage and the workers and actors it
 starts read, branch by branch (a stage with a vLLM engine also reads ``rollout``; the judged pairs path also
 reads the refusal judge's ``eval`` keys): a key missing here is a stale skip, so when a stage starts reading
-a new setting, add it here.
+a new setting, add it here. ``eqrlhf.pipeline.run_stage`` runs each stage on a config restricted to these keys
+(eqrlhf.restricted_config), so reading one that is not declared raises ``UndeclaredConfigRead`` instead.
 
 Stage order is pipeline order: categorize -> mix -> pairs -> warm_start -> on_policy -> reward -> score -> train ->
 evaluate.
@@ -269,6 +270,8 @@ def _train_reads(cfg: Config) -> tuple[str, ...]:
     keys = ("train", "algorithm", "model", "run.seed")
     if cfg.algorithm.loss in ONLINE:
         return keys + ("ppo", "ama", "generation", "rollout")
+    # the input folder (eqrlhf.data.score.training_input_dir): the scored pairs, else the pairs
+    keys += ("ama.output", "pairs.output")
     return keys + ("ama.rule", "ama.tau", "ama.baseline", "ama.baseline_mode", "control.clm_weight")
 
 
@@ -305,7 +308,7 @@ PIPELINE = [
         "mix",
         run_mix,
         "build a training mixture from categorized data",
-        lambda c: ("mix", "run.seed"),
+        lambda c: ("mix", "run.seed", "data.rows_per_block"),
         lambda c: [c.stage_dir(c.mix.input, "categorized")],
         lambda c: c.stage_dir(c.mix.output, "mixture"),
         check=validate_mix,

@@ -15,6 +15,7 @@ from eqrlhf.algorithms.catalog import ama_on
 from eqrlhf.config import ConfigError, load_config
 from eqrlhf.data.score import scoring_needed
 from eqrlhf.pipeline import plan
+from eqrlhf.restricted_config import restrict
 from eqrlhf.stages import STAGES, effective_config
 
 QUICKSTART = "configs/quickstart.yaml"
@@ -122,8 +123,10 @@ def test_generation_engine_chooses_the_engine_of_every_stage(built, engine):
     from eqrlhf.rollout.engine_actor import EngineActor
 
     cfg = load_config(QUICKSTART, [f"generation.engine={engine}"])
-    # the pairs stage's Ray Data actors and the judge categorizer build theirs in process
-    pairs = PairGenerator(effective_config(cfg, "pairs").model_dump(mode="json"))
+    # the pairs stage's Ray Data actors (from the config the stage holds: its declared keys) and the judge
+    # categorizer build theirs in process
+    seen = effective_config(cfg, "pairs")
+    pairs = PairGenerator(restrict(seen, STAGES["pairs"].reads(seen), "pairs"))
     assert pairs.engine[0] == engine
     assert make_engine(effective_config(cfg, "categorize"), model="judge")[:2] == (engine, "judge")
     # the rollout pool's actors (evaluation, PPO rollouts) build theirs from the same setting

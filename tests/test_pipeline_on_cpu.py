@@ -157,6 +157,7 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
         "pairs.samples=2",
         "generation.max_new_tokens=4",
         "eval.limit=2",
+        "tracking.backend=mlflow",  # the default local store: sqlite:///<run>/mlflow.db, no server
         *[f"train.{o}" for o in one_step],
         *[f"pipeline.warm_start.{o}" for o in one_step],
     ]
@@ -200,8 +201,55 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
     )
     warm = ModelCard.load(run / "warm_start" / "final" / "README.md")
     assert "sft" in warm.data.tags and "Not evaluated by its run" in warm.text
+    tracked_in_mlflow(run, ev)
 
     again = run_pipeline(load_config("configs/quickstart.yaml", overrides))
     stages = ["categorize", "mix", "pairs", "warm_start", "on_policy", "score", "train", "evaluate"]
     assert [s for s in stages if not again[s].get("skipped")] == []
     assert "report" in again
+
+
+def tracked_in_mlflow(run: Path, evaluate: dict) -> None:
+    """The pipeline's MLflow parent run and its two training runs, read back with the MLflow client."""
+    from test_tracking_on_cpu import metric_history, mlflow_runs
+
+    from eqrlhf.train.metrics import read_metrics
+
+    client, runs = mlflow_runs(f"sqlite:///{run / 'mlflow.db'}", "quickstart")
+    by_name = {r.info.run_name: r for r in runs}
+    assert sorted(by_name) == ["quickstart", "train", "warm_start"]
+    parent = by_name["quickstart"]
+    assert parent.info.status == "FINISHED" and parent.info.artifact_uri.startswith((run / "mlartifacts").as_uri())
+    config = json.loads((run / "config.json").read_text())
+    assert parent.data.params["train.max_steps"] == "1" == str(config["train"]["max_steps"])
+    assert parent.data.params["model.name_or_path"] == config["model"]["name_or_path"]
+    for stage, folder in (("categorize", "categorized"), ("mix", "mixture"), ("pairs", "pairs")):
+        manifest = json.loads((run / folder / "manifest.json").read_text())
+        assert parent.data.metrics[f"{stage}/rows_written"] == manifest["rows_written"]
+        for category, count in manifest["per_category"].items():
+            assert parent.data.metrics[f"{stage}/per_category/{category}"] == count
+        for reason, count in manifest["filtered"].items():
+            assert parent.data.metrics[f"{stage}/filtered/{reason}"] == count
+    for tag in ("base", "trained"):  # the evaluation's headline numbers with their intervals
+        headline = json.loads(Path(evaluate[tag]["eval_json"]).read_text())["headline"]
+        stat = headline["harmful_compliance"]
+        assert parent.data.metrics[f"eval/{tag}/harmful_compliance"] == stat["rate"]
+        low, high = stat["ci95"]
+        assert parent.data.metrics[f"eval/{tag}/harmful_compliance_ci_low"] == pytest.approx(low)
+        assert parent.data.metrics[f"eval/{tag}/harmful_compliance_ci_high"] == pytest.approx(high)
+        files = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, f"eval/{tag}")}
+        assert {"eval.json", "report.md", "safety_plane.png", "refusal_by_category.png"} <= files
+    assert "report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "manifests/mix")] == [
+        "manifests/mix/manifest.json"
+    ]
+    for stage in ("warm_start", "train"):  # nested under the pipeline run; every point of metrics.jsonl
+        child = by_name[stage]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id and child.info.status == "FINISHED"
+        assert child.data.params["algorithm.loss"] == ("sft" if stage == "warm_start" else "ama_dpo")
+        rows = read_metrics(run / stage / "metrics.jsonl")
+        assert rows and {"loss", "throughput/tokens_per_s", "memory/rss_gib"} <= set(rows[0])
+        for key in rows[0]:
+            if key != "step":
+                want = [(r["step"], pytest.approx(r[key])) for r in rows]
+                assert metric_history(client, child.info.run_id, key) == want, key

@@ -252,6 +252,7 @@ def test_threshold_sweep_shares_one_reward_model_and_one_scored_set(tiny_model, 
         "pipeline.reward_train.micro_batch_size=1",
         "pipeline.reward_train.grad_accum=1",
         "pipeline.reward_train.zero_stage=0",
+        "tracking.backend=mlflow",  # each trial one run in one experiment, in the default local store
     ]
     manifest = run_sweep(load_config(THRESHOLDS, overrides))
     root = Path(manifest["dir"])
@@ -278,3 +279,20 @@ def test_threshold_sweep_shares_one_reward_model_and_one_scored_set(tiny_model, 
         assert train["loss"] == "ama_dpo" and train["steps_run"] == 2
         assert "ama/kept_fraction" in train["final_metrics"]
         assert trial["step"] == 2 and trial["evaluations"] == 1
+    tracked_in_mlflow(load_config(THRESHOLDS, overrides), manifest)
+
+
+def tracked_in_mlflow(cfg, manifest: dict) -> None:
+    """MLflowLoggerCallback made each Tune trial one run, with its sampled params and reported metrics; the
+    trials' own training and the shared stages stay out of it."""
+    from test_tracking_on_cpu import metric_history, mlflow_runs
+
+    client, runs = mlflow_runs(f"sqlite:///{(cfg.run.dir / 'mlflow.db').resolve()}", f"{cfg.run.name}-{cfg.sweep.name}")
+    assert len(runs) == 2 == len(manifest["trials"])
+    for trial in manifest["trials"]:
+        (tracked,) = [r for r in runs if trial["trial"] in r.data.tags["trial_name"]]
+        assert tracked.info.status == "FINISHED" and tracked.data.tags["eqrlhf.kind"] == "sweep_trial"
+        assert tracked.data.params["ama.rule"] == trial["params"]["ama.rule"]
+        assert float(tracked.data.params["ama.tau"]) == pytest.approx(trial["params"]["ama.tau"])
+        for metric in ("harmful_compliance", "over_refusal", "objective"):
+            assert [v for _, v in metric_history(client, tracked.info.run_id, metric)] == [pytest.approx(trial[metric])]

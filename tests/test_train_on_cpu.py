@@ -441,6 +441,7 @@ def test_reward_model_learns_to_rank_pairs(ray_local, tmp_path, model_dir, token
     write_stage(run / "pairs", rows_to_table(pair_rows()))
     # ZeRO-3 on 2 workers: the scalar head is partitioned too and gathered whole for ScalarHeadLM.save
     cfg = train_config(run, model_dir, loss="reward", max_steps=8, lr=1e-3, num_workers=2, zero_stage=3)
+    cfg.tracking.backend = "wandb"  # offline by default: no account, no network
     manifest = run_train(cfg)
 
     def accuracy(model) -> float:
@@ -457,6 +458,18 @@ def test_reward_model_learns_to_rank_pairs(ray_local, tmp_path, model_dir, token
     history = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert history[-1]["loss"] < history[0]["loss"]
     assert np.mean([m["accuracy"] for m in history[-2:]]) > np.mean([m["accuracy"] for m in history[:2]])
+    # W&B offline: rank 0 alone opened a run (setup_wandb) and logged every step metrics.jsonl holds
+    from test_tracking_on_cpu import wandb_offline_run
+
+    (folder,) = (run / "wandb").glob("offline-run-*")
+    logged = wandb_offline_run(folder)
+    assert len(logged["history"]) == len(history) == 8
+    assert (logged["name"], logged["group"], logged["job_type"]) == ("train", "rm", "train")
+    assert logged["config"]["algorithm.loss"] == "reward" and logged["config"]["train.num_workers"] == "2"
+    assert [{k: row[k] for k in m if k != "step"} for row, m in zip(logged["history"], history)] == [
+        {k: pytest.approx(v) for k, v in m.items() if k != "step"} for m in history
+    ]
+    assert [row["_step"] for row in logged["history"]] == [m["step"] for m in history]
 
 
 # ---- slow end to end: the real SmolLM2-135M ------------------------------------------------------------------

@@ -171,11 +171,9 @@ def pair_sampling(cfg) -> Sampling:
 class PairGenerator:
     """Ray Data callable class: one rollout engine per actor, built from the config."""
 
-    def __init__(self, cfg_tree: dict):
-        from eqrlhf.config import from_dict
+    def __init__(self, cfg):
         from eqrlhf.rollout import make_engine
 
-        cfg = from_dict(cfg_tree)
         self.engine = make_engine(cfg)
         self.policy = response_policy(cfg)
         self.sampling = pair_sampling(cfg)
@@ -231,12 +229,10 @@ def judged_rows(
 class JudgedPairBuilder:
     """Ray Data callable class for the judged path: one engine and one refusal judge per actor."""
 
-    def __init__(self, cfg_tree: dict):
-        from eqrlhf.config import from_dict
+    def __init__(self, cfg):
         from eqrlhf.evaluate.judges import refusal_judge_for
         from eqrlhf.rollout import make_engine
 
-        cfg = from_dict(cfg_tree)
         self.pairs = cfg.pairs
         self.engine = make_engine(cfg)
         self.chosen_engine = make_engine(cfg, cfg.pairs.chosen_model) if cfg.pairs.chosen_model else None
@@ -301,7 +297,8 @@ def generate_missing(cfg, writer: StageWriter, in_dir, missing: int, judged: boo
     ds = ds.repartition(num_blocks=blocks_for_actor_pool(missing, gen.batch_size))
     ds = ds.map_batches(
         JudgedPairBuilder if judged else PairGenerator,
-        fn_constructor_kwargs={"cfg_tree": cfg.model_dump(mode="json")},
+        # the config object, not a dump: it keeps the stage's restriction (eqrlhf.restricted_config)
+        fn_constructor_kwargs={"cfg": cfg},
         compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
         batch_size=gen.batch_size,
         batch_format="pyarrow",

@@ -22,6 +22,8 @@ from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.score import training_input_dir
 from eqrlhf.errors import tried
 from eqrlhf.model_card import write_model_card
+from eqrlhf.restricted_config import whole_config_for_records
+from eqrlhf.tracking import training_plan
 from eqrlhf.train.batching import (
     TrainInputError,
     check_input_table,
@@ -98,6 +100,7 @@ def prepare_train(cfg: Config) -> dict:
         "start_step": start,
         "resume_from": str(resume_from) if resume_from else None,
         "config_hash": cfg.hash(),
+        "tracking": training_plan(cfg, out),  # MLflow / W&B run of rank 0; None when off
     }
 
 
@@ -110,7 +113,7 @@ def build_trainer(cfg: Config, plan: dict):
     train = cfg.train
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan},
+        train_loop_config={"cfg": cfg, "plan": plan},
         scaling_config=scaling_config(train),
         run_config=RunConfig(
             name=CHECKPOINTS,  # checkpoints land in <train dir>/checkpoints/step_N
@@ -164,7 +167,8 @@ def run_train(cfg: Config) -> dict:
         # Ray Train resume from that older run instead of starting fresh (or from train.resume_from).
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    record = whole_config_for_records(cfg)  # the whole run's config, also where the stage holds part of it
+    (out / "train_config.json").write_text(json.dumps(record.model_dump(mode="json"), indent=2))
 
     from eqrlhf.ray_utils import init_ray
 
@@ -200,7 +204,7 @@ def run_train(cfg: Config) -> dict:
     }
     manifest["final"] = link_final(out, manifest["final_checkpoint"])
     if manifest["final"]:  # its model card: config, data mixture and licence (the pipeline adds the evaluation)
-        manifest["model_card"] = str(write_model_card(manifest["final"], cfg, train_manifest=manifest))
+        manifest["model_card"] = str(write_model_card(manifest["final"], record, train_manifest=manifest))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     print(summary_text(manifest), flush=True)
     return manifest

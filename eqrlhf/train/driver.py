@@ -8,6 +8,7 @@ from pathlib import Path
 
 from eqrlhf.algorithms.catalog import loss_info
 from eqrlhf.config import Config, ConfigError
+from eqrlhf.tracking import check_tracking
 from eqrlhf.train.checkpoint import newest_verified, read_trainer_state, verify_checkpoint
 
 CHECKPOINTS = "checkpoints"
@@ -28,6 +29,7 @@ def check_settings(cfg: Config) -> None:
     if cfg.train.compile and cfg.train.zero_stage == 3:
         # ZeRO-3 gathers each layer's weights in module hooks, which would split every compiled graph
         raise ConfigError("train.compile=true needs train.zero_stage 0, 1 or 2 (ZeRO-3 is not supported)")
+    check_tracking(cfg)
 
 
 def resume_checkpoint(cfg: Config, out: Path) -> Path | None:

@@ -23,7 +23,7 @@ from eqrlhf.algorithms.ama import ama_mask
 from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.algorithms.logprobs import masked_sum, shift_for_causal_lm
 from eqrlhf.algorithms.losses import LossInputs, compute_loss
-from eqrlhf.config import Config, ConfigError, from_dict
+from eqrlhf.config import Config, ConfigError
 from eqrlhf.train.batching import PairSource, collate, read_columns, step_rows, worker_micro_batches
 from eqrlhf.train.checkpoint import (
     checkpoint_dir_name,
@@ -61,27 +61,33 @@ class StepSpec:
 
     @classmethod
     def from_config(cls, cfg: Config) -> StepSpec:
-        loss, algo = cfg.algorithm.loss, cfg.algorithm
-        baseline = "batch_mean" if cfg.ama.baseline_mode == "batch_mean" else cfg.ama.baseline
+        loss, algo, ama = cfg.algorithm.loss, cfg.algorithm, ama_on(cfg)
+        # the AMA settings and exmate's weight only where they matter: the warm start (sft) and the reward model
+        # do not declare them (eqrlhf.stages), so a change to them must not be read there
+        ama_params = {}
+        if ama:  # scores arrive normalised by the scoring stage, hence normalize="none"
+            baseline = "batch_mean" if cfg.ama.baseline_mode == "batch_mean" else cfg.ama.baseline
+            ama_params = {"rule": cfg.ama.rule, "baseline": baseline, "tau": cfg.ama.tau, "normalize": "none"}
+        loss_params = {
+            "beta": algo.beta,
+            "label_smoothing": algo.label_smoothing,
+            "bfpo_alpha": algo.bfpo_alpha,
+            "bfpo_tau": algo.bfpo_tau,
+        }
+        if loss == "exmate":
+            loss_params["exmate_clm_weight"] = cfg.control.clm_weight
         return cls(
             loss=loss,
             kind=loss_info(loss).kind,
-            ama=ama_on(cfg),
+            ama=ama,
             reference=algo.reference if loss_info(loss).uses_reference else None,
             lora=cfg.train.lora.r > 0,
             bf16=cfg.train.bf16,
             chunk_size=cfg.train.logprob_chunk_size,
             compile=cfg.train.compile,
             share_prompt=cfg.train.share_prompt,
-            loss_params={
-                "beta": algo.beta,
-                "label_smoothing": algo.label_smoothing,
-                "bfpo_alpha": algo.bfpo_alpha,
-                "bfpo_tau": algo.bfpo_tau,
-                "exmate_clm_weight": cfg.control.clm_weight,
-            },
-            # scores arrive normalised by the scoring stage, hence normalize="none"
-            ama_params={"rule": cfg.ama.rule, "baseline": baseline, "tau": cfg.ama.tau, "normalize": "none"},
+            loss_params=loss_params,
+            ama_params=ama_params,
         )
 
 
@@ -312,7 +318,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     from eqrlhf.models.loading import load_tokenizer
 
-    cfg, plan = from_dict(config["cfg"]), config["plan"]
+    # the config object itself, not a dump rebuilt here: it keeps the stage's restriction (eqrlhf.restricted_config)
+    cfg, plan = config["cfg"], config["plan"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train = cfg.train
@@ -347,7 +354,7 @@ def train_loop_per_worker(config: dict) -> None:
     source = PairSource(
         read_columns(Path(plan["input_dir"]), plan["columns"]), tokenizer, cfg.model.max_length, spec.loss
     )
-    writer = MetricsWriter(Path(plan["train_dir"]), start) if rank == 0 else None
+    writer = MetricsWriter(Path(plan["train_dir"]), start, plan.get("tracking")) if rank == 0 else None
     bar = _progress(rank, total, start)
     global_batch, per_epoch = plan["global_batch"], plan["steps_per_epoch"]
     engine.train()

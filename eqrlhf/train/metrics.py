@@ -31,10 +31,13 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 class MetricsWriter:
-    """Rank 0's writer: one JSON line and one TensorBoard point per metric per step."""
+    """Rank 0's writer: one JSON line, one TensorBoard point and, with tracking on, one MLflow / W&B point per
+    metric per step."""
 
-    def __init__(self, out_dir: Path, resume_step: int = 0):
+    def __init__(self, out_dir: Path, resume_step: int = 0, tracking: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
+
+        from eqrlhf.tracking import TrainingRun
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -42,16 +45,19 @@ class MetricsWriter:
         truncate_metrics(self.path, resume_step)
         self.tb = SummaryWriter(log_dir=str(out_dir / TB_DIR), purge_step=resume_step + 1 if resume_step else None)
         self._fh = open(self.path, "a", encoding="utf-8")
+        self.tracked = TrainingRun(tracking)  # MLflow / W&B (eqrlhf.tracking): the same points, when enabled
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self._fh.write(json.dumps({"step": step, **metrics}) + "\n")
         self._fh.flush()  # a crash must not lose logged steps
         for name, value in metrics.items():
             self.tb.add_scalar(name, value, step)
+        self.tracked.log(step, metrics)
 
     def close(self) -> None:
         self._fh.close()
         self.tb.close()
+        self.tracked.close()
 
 
 def average_over_workers(metrics: dict[str, float], device: torch.device) -> dict[str, float]:

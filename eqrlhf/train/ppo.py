@@ -23,6 +23,8 @@ from pathlib import Path
 from eqrlhf.algorithms.catalog import ONLINE, ama_on, loss_info
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.model_card import write_model_card
+from eqrlhf.restricted_config import whole_config_for_records
+from eqrlhf.tracking import check_tracking, training_plan
 from eqrlhf.train.batching import TrainInputError
 from eqrlhf.train.driver import (
     CHECKPOINTS,
@@ -168,6 +170,7 @@ def prepare_ppo(cfg: Config) -> dict:
     from eqrlhf.train.checkpoint import read_trainer_state
 
     _check_algorithm(cfg)
+    check_tracking(cfg)
     policy_path = resolve_model("model.name_or_path", cfg.model.name_or_path)
     plan = {**_batch_plan(cfg), **_check_sources(cfg, policy_path)}
     input_dir = prompt_input_dir(cfg)
@@ -197,6 +200,7 @@ def prepare_ppo(cfg: Config) -> dict:
         "resume_from": str(resume_from) if resume_from else None,
         "sync_at_start": False,
         "config_hash": cfg.hash(),
+        "tracking": training_plan(cfg, out),  # MLflow / W&B run of rank 0; None when off
     }
 
 
@@ -210,7 +214,7 @@ def build_ppo_trainer(cfg: Config, plan: dict, pool):
     return TorchTrainer(
         ppo_loop_per_worker,
         # the pool object carries only actor and placement-group handles: rank 0 uses them, nothing is copied
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan, "pool": pool},
+        train_loop_config={"cfg": cfg, "plan": plan, "pool": pool},
         scaling_config=scaling_config(train),
         run_config=RunConfig(
             name=CHECKPOINTS,
@@ -263,7 +267,8 @@ def run_ppo(cfg: Config, pool=None) -> dict:
     if not (cfg.train.resume and not cfg.train.resume_from) and out.exists():
         shutil.rmtree(out)  # a stale Ray run snapshot here would make Ray Train resume it (see run_train)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    record = whole_config_for_records(cfg)  # the whole run's config, also where the stage holds part of it
+    (out / "train_config.json").write_text(json.dumps(record.model_dump(mode="json"), indent=2))
     init_ray()
     owned = pool is None
     # a pool someone else used may hold other weights: give it this run's starting policy first
@@ -308,7 +313,7 @@ def run_ppo(cfg: Config, pool=None) -> dict:
     }
     manifest["final"] = link_final(out, manifest["final_checkpoint"])
     if manifest["final"]:  # its model card: config, data mixture and licence (the pipeline adds the evaluation)
-        manifest["model_card"] = str(write_model_card(manifest["final"], cfg, train_manifest=manifest))
+        manifest["model_card"] = str(write_model_card(manifest["final"], record, train_manifest=manifest))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     print(summary_text(manifest), flush=True)
     return manifest

@@ -29,7 +29,7 @@ import torch
 
 from eqrlhf.algorithms.catalog import loss_info
 from eqrlhf.algorithms.ppo import update_log_lambda
-from eqrlhf.config import Config, from_dict
+from eqrlhf.config import Config
 from eqrlhf.errors import InputNotFound
 from eqrlhf.rollout.weight_sync import weight_device
 from eqrlhf.train.checkpoint import (
@@ -322,7 +322,8 @@ def ppo_loop_per_worker(config: dict) -> None:
 
     from eqrlhf.models.loading import load_tokenizer
 
-    cfg, plan, pool = from_dict(config["cfg"]), config["plan"], config["pool"]
+    # the config object, not a dump rebuilt here: it keeps the stage's restriction (eqrlhf.restricted_config)
+    cfg, plan, pool = config["cfg"], config["plan"], config["pool"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _setup_device(cfg)
@@ -336,7 +337,7 @@ def ppo_loop_per_worker(config: dict) -> None:
     rows = read_prompt_rows(plan) if rank == 0 else None
     if start > 0 or plan["sync_at_start"]:  # engines must generate with exactly the policy we continue from
         sync_policy(models.policy, pool, cfg, rank)
-    writer = MetricsWriter(Path(plan["train_dir"]), start) if rank == 0 else None
+    writer = MetricsWriter(Path(plan["train_dir"]), start, plan.get("tracking")) if rank == 0 else None
     total, shard = plan["total_iterations"], plan["rollout_batch"] // world
     lagrangian = loss_info(cfg.algorithm.loss).lagrangian
     for iteration in range(start, total):

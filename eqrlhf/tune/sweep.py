@@ -26,6 +26,7 @@ from pathlib import Path
 
 from eqrlhf.algorithms.catalog import ama_on
 from eqrlhf.config import Config, ConfigError
+from eqrlhf.tracking import check_tracking, tune_callbacks, untracked
 from eqrlhf.tune.space import (
     DIRECTIONS,
     max_concurrent,
@@ -54,6 +55,7 @@ def validate_sweep(cfg: Config) -> None:
 
     validate_space(cfg)
     validate_objectives(cfg)
+    check_tracking(cfg)
     validate_suites(cfg)
     check_engine(cfg)
     if cfg.sweep.search == "optuna":
@@ -178,7 +180,10 @@ def build_tuner(cfg: Config, root: Path, shared: dict, concurrency: int, restore
 
     own, _ = trial_resources(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), sweep_dir=str(root), shared=shared),
+        # the trials' own pipeline and training runs stay untracked: the callbacks make each trial one run
+        tune.with_parameters(
+            run_trial, base=untracked(cfg).model_dump(mode="json"), sweep_dir=str(root), shared=shared
+        ),
         {"CPU": own["CPU"], "GPU": own["GPU"]},
     )
     if restore:
@@ -194,7 +199,12 @@ def build_tuner(cfg: Config, root: Path, shared: dict, concurrency: int, restore
             max_concurrent_trials=concurrency,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
-        run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=str(root), failure_config=tune.FailureConfig(0)),
+        run_config=ray.tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(root),
+            failure_config=tune.FailureConfig(0),
+            callbacks=tune_callbacks(cfg),
+        ),
     )
 
 
@@ -218,7 +228,7 @@ def run_sweep(cfg: Config) -> dict:
     (root / SWEEP_CONFIG).write_text(
         json.dumps({"sweep_hash": sweep_hash(cfg), **cfg.model_dump(mode="json")}, indent=1)
     )
-    shared = prepare_shared(cfg, root)
+    shared = prepare_shared(untracked(cfg), root)
     print(f"[sweep] {cfg.sweep.name}: {cfg.sweep.num_samples} trial(s), up to {concurrency} at once -> {root}")
     started = time.time()
     grid = build_tuner(cfg, root, shared, concurrency, restore).fit()

@@ -77,6 +77,8 @@ def evaluate_checkpoint(cfg: Config, step: int) -> dict:
     """The evaluation after ``step`` steps, reusing one already written by an earlier attempt of this trial."""
     from eqrlhf.evaluate import evaluate_model
     from eqrlhf.pipeline_report import flat_summary
+    from eqrlhf.restricted_config import restrict
+    from eqrlhf.stages import STAGES
     from eqrlhf.train.checkpoint import checkpoint_dir_name
     from eqrlhf.train.driver import train_dir
 
@@ -87,7 +89,9 @@ def evaluate_checkpoint(cfg: Config, step: int) -> dict:
     checkpoint = train_dir(cfg) / "checkpoints" / tag
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"sweep trial {cfg.run.name}: no checkpoint {checkpoint} to evaluate")
-    return flat_summary(evaluate_model(cfg, str(checkpoint), tag))
+    # what the pipeline's evaluate stage may read (eqrlhf.stages), as there
+    restricted = restrict(cfg, STAGES["evaluate"].reads(cfg), "evaluate")
+    return flat_summary(evaluate_model(restricted, str(checkpoint), tag))
 
 
 def run_trial(params: dict, base: dict, sweep_dir: str, shared: dict) -> None:
@@ -95,6 +99,8 @@ def run_trial(params: dict, base: dict, sweep_dir: str, shared: dict) -> None:
     from ray import tune
 
     from eqrlhf.pipeline import run_pipeline
+    from eqrlhf.restricted_config import restrict
+    from eqrlhf.stages import STAGES
     from eqrlhf.train import prepare_train, run_train
     from eqrlhf.tune.space import eval_points, trial_config
 
@@ -107,6 +113,7 @@ def run_trial(params: dict, base: dict, sweep_dir: str, shared: dict) -> None:
     for index, step in enumerate(points):
         if trained_steps(cfg) < step:
             # the first chunk starts fresh (a half-written first chunk is discarded); later ones resume
-            run_train(_with(cfg, "train", max_steps=step, resume=index > 0 and trained_steps(cfg) > 0))
+            chunk = _with(cfg, "train", max_steps=step, resume=index > 0 and trained_steps(cfg) > 0)
+            run_train(restrict(chunk, STAGES["train"].reads(chunk), "train"))  # as the pipeline runs it
         summary = evaluate_checkpoint(cfg, step)
         tune.report(trial_metrics(summary, cfg, step, total, len(points)))
