@@ -35,6 +35,10 @@ from eqrlhf.train.checkpoint import (
 from eqrlhf.train.deepspeed_config import build_ds_config, build_reference_ds_config, initialize_engine, lr_factor
 from eqrlhf.train.metrics import MetricsWriter, average_over_workers, memory_metrics
 
+# deepspeed, ray, transformers and peft (and eqrlhf.models, which loads transformers) are imported in the
+# functions that use them: the step code of loop.py, which tests and the profiler import outside a worker,
+# stays light.
+
 # Test hook for crash recovery: the worker of rank $EQRLHF_TEST_KILL_RANK (default: the last) SIGKILLs
 # itself after step $EQRLHF_TEST_KILL_AT_STEP (its update and metrics done, its checkpoint not yet written),
 # once: it first creates the marker file $EQRLHF_TEST_KILL_MARKER and never fires when that file exists, so
