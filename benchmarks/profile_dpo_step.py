@@ -65,8 +65,9 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from eqrlhf.config import apply_override, from_dict
+    from eqrlhf.train.core import build_policy
     from eqrlhf.train.deepspeed_config import build_ds_config, initialize_engine
-    from eqrlhf.train.loop import StepSpec, build_policy, optimizer_step
+    from eqrlhf.train.loop import StepSpec, optimizer_step
 
     cuda = args.device == "cuda"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -93,7 +94,9 @@ def main() -> None:
         apply_override(tree, item)
     cfg = from_dict(tree)
     spec = StepSpec.from_config(cfg)
-    engine = initialize_engine(build_policy(cfg, spec), build_ds_config(cfg.train, 1), cuda, lr_scheduler=None)
+    engine = initialize_engine(
+        build_policy(cfg, scalar=spec.kind == "scalar"), build_ds_config(cfg.train, 1), cuda, lr_scheduler=None
+    )
     shutil.rmtree(root, ignore_errors=True)  # the model is loaded: leave no 0.5-4 GB copy behind
     engine.train()
     batches = [fabricated_batch(args.pairs, args.prompt_tokens, args.response_tokens, vocab, seed) for seed in range(4)]

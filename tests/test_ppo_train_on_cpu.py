@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from eqrlhf.config import ConfigError, from_dict
 from eqrlhf.data.schema import Limits, make_row, rows_to_table
 from eqrlhf.manifest import StageWriter
+from eqrlhf.models.heads import HEAD_WEIGHTS
 from eqrlhf.train import run_train
 from eqrlhf.train.batching import TrainInputError
 from eqrlhf.train.ppo import prepare_ppo, run_ppo
@@ -166,15 +167,25 @@ def test_config_errors_name_the_key_before_ray(tmp_path, model_dir, prompts_dir,
 # ---- on Ray Train -------------------------------------------------------------------------------------------
 
 
-def test_ppo_changes_the_policy_syncs_the_pool_and_resumes_exactly(tmp_path, model_dir, prompts_dir, pool):
+COMPARED = ("reward/score_mean", "kl/sequence", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl")
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dir, prompts_dir, pool, tmp_path_factory):
+    """The uninterrupted reference: 2 iterations on 2 workers, a checkpoint after each."""
+    full = tmp_path_factory.mktemp("full") / "full"
+    manifest = run_ppo(
+        ppo_config(full, model_dir, prompts_dir, ppo={"iterations": 2}, train={"save_every": 1}), pool=pool
+    )
+    return full, manifest
+
+
+def test_ppo_changes_the_policy_syncs_the_pool_and_resumes_exactly(tmp_path, model_dir, prompts_dir, pool, full_run):
     from eqrlhf.algorithms.logprobs import token_logprobs
     from eqrlhf.models.loading import load_causal_lm
     from eqrlhf.rollout.base import Sampling
 
-    full = tmp_path / "full"
-    manifest = run_ppo(
-        ppo_config(full, model_dir, prompts_dir, ppo={"iterations": 2}, train={"save_every": 1}), pool=pool
-    )
+    full, manifest = full_run
     lines = metric_lines(full)
     assert [line["step"] for line in lines] == [1, 2] and manifest["iterations_run"] == 2
     for line in lines:
@@ -192,7 +203,7 @@ def test_ppo_changes_the_policy_syncs_the_pool_and_resumes_exactly(tmp_path, mod
     run_train(cfg)  # dispatches to run_ppo; the module's pool is not passed: this run starts its own
     [again] = metric_lines(resumed)
     assert again["step"] == 2
-    for key in ("reward/score_mean", "kl/sequence", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl"):
+    for key in COMPARED:
         assert again[key] == pytest.approx(lines[1][key], abs=1e-5), key
     final = weights(resumed / "train" / "checkpoints" / "step_2")
     assert max_change(weights(step2), final) < 1e-6
@@ -205,6 +216,28 @@ def test_ppo_changes_the_policy_syncs_the_pool_and_resumes_exactly(tmp_path, mod
     with torch.no_grad():
         logps = token_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:])[0, -len(completion.token_ids) :]
     assert logps.tolist() == pytest.approx(completion.logprobs, abs=1e-4)
+
+
+def test_killed_worker_recovers_from_the_last_checkpoint(tmp_path, model_dir, prompts_dir, pool, full_run, monkeypatch):
+    """Rank 1 SIGKILLs itself after iteration 2, before its checkpoint: Ray Train restarts both workers from
+    step_1 (policy, critic, optimizers), the pool gets step_1's policy back, and iteration 2 is redone, logged
+    once, and equal to the uninterrupted run's."""
+    full, _ = full_run
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("EQRLHF_TEST_KILL_AT_STEP", "2")
+    monkeypatch.setenv("EQRLHF_TEST_KILL_MARKER", str(marker))
+    out = tmp_path / "crashed"
+    train = {"save_every": 1, "max_failures": 1}
+    run_ppo(ppo_config(out, model_dir, prompts_dir, ppo={"iterations": 2}, train=train), pool=pool)
+    assert marker.exists()  # the worker really died once
+    mine, theirs = metric_lines(out), metric_lines(full)
+    assert [line["step"] for line in mine] == [1, 2]
+    for key in COMPARED:
+        assert [line[key] for line in mine] == pytest.approx([line[key] for line in theirs], abs=1e-5), key
+    step2 = "train/checkpoints/step_2"
+    assert max_change(weights(full / step2), weights(out / step2)) < 1e-6
+    for name in ("model.safetensors", HEAD_WEIGHTS):  # the critic's backbone and value head
+        assert max_change(load_file(full / step2 / "critic" / name), load_file(out / step2 / "critic" / name)) < 1e-6
 
 
 @pytest.mark.slow  # PPO stays in CI with the transformers pool; vLLM stays in CI in test_vllm_engine_on_cpu

@@ -11,7 +11,10 @@ Layout of ``<run>/train/checkpoints/step_N/`` (Ray Train merges what each worker
   needs to continue bit-exactly and are only ever read back by ``engine.load_checkpoint``, through
   :func:`refuse_pickled_code`: torch's weights-only unpickler with three DeepSpeed classes allowed, so a
   planted pickle in a checkpoint on shared storage is refused instead of run).
-- ``trainer_state.json``: step, epoch, step within the epoch, rows seen, seed, world size.
+- ``<name>/`` and ``<name>_deepspeed/`` for every other trained engine (PPO's ``critic`` and ``cost_critic``):
+  its weights as above and its DeepSpeed state as in ``deepspeed/``.
+- ``trainer_state.json``: step, epoch, step within the epoch, rows seen, seed, world size (PPO adds its
+  iteration, rollout batch and log lambda).
 - ``checkpoint_manifest.json``: every other file's size and sha256, written by rank 0 last, once every
   rank's files are in place (:func:`report_checkpoint`). A directory without it is incomplete; resume
   (``train.resume``, ``train.resume_from`` and Ray Train's restart after a worker failure) uses the newest
@@ -33,6 +36,7 @@ STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "checkpoint_manifest.json"
 DS_DIR = "deepspeed"
 DS_TAG = "state"
+EXTRA_DS_SUFFIX = "_deepspeed"  # an extra engine's DeepSpeed state: <name>_deepspeed/ beside its <name>/ weights
 ADAPTER_DIR = "adapter"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -208,10 +212,16 @@ def save_model_weights(engine, out_dir: Path, tokenizer, rank: int) -> None:
         tokenizer.save_pretrained(out_dir)
 
 
-def save_training_checkpoint(engine, out_dir: Path, state: dict, tokenizer, rank: int) -> None:
-    """Everything needed to serve the model and to resume exactly. Must be called on every rank."""
+def save_training_checkpoint(
+    engine, out_dir: Path, state: dict, tokenizer, rank: int, extras: dict | None = None
+) -> None:
+    """Everything needed to serve the model and to resume exactly, and the same for each engine of ``extras``
+    (name -> engine) in ``<name>/`` and ``<name>_deepspeed/``. Must be called on every rank."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name, extra in (extras or {}).items():
+        extra.save_checkpoint(str(out_dir / f"{name}{EXTRA_DS_SUFFIX}"), tag=DS_TAG)
+        save_model_weights(extra, out_dir / name, tokenizer, rank)
     engine.save_checkpoint(str(out_dir / DS_DIR), tag=DS_TAG)
     save_model_weights(engine, out_dir, tokenizer, rank)
     if rank == 0:
@@ -256,13 +266,20 @@ def refuse_pickled_code(engine) -> None:
     engine.checkpoint_engine.load = load_without_code
 
 
-def load_training_checkpoint(engine, path: Path) -> dict:
-    """Restore model, optimizer and scheduler state into ``engine``; return the trainer state."""
+def load_training_checkpoint(engine, path: Path, extras: dict | None = None) -> dict:
+    """Restore model, optimizer and scheduler state into ``engine`` and each engine of ``extras`` (as
+    :func:`save_training_checkpoint` wrote them); return the trainer state."""
+    path = Path(path)
     state = read_trainer_state(path)
     refuse_pickled_code(engine)
-    load_path, _ = engine.load_checkpoint(str(Path(path) / DS_DIR), tag=DS_TAG)
+    load_path, _ = engine.load_checkpoint(str(path / DS_DIR), tag=DS_TAG)
     if load_path is None:
-        raise InputNotFound(f"DeepSpeed found no state under {Path(path) / DS_DIR}/{DS_TAG}")
+        raise InputNotFound(f"DeepSpeed found no state under {path / DS_DIR}/{DS_TAG}")
+    for name, extra in (extras or {}).items():
+        refuse_pickled_code(extra)
+        load_path, _ = extra.load_checkpoint(str(path / f"{name}{EXTRA_DS_SUFFIX}"), tag=DS_TAG)
+        if load_path is None:
+            raise InputNotFound(f"checkpoint {path} has no DeepSpeed state for the {name} ({name}{EXTRA_DS_SUFFIX}/)")
     return state
 
 

@@ -1,18 +1,14 @@
-"""The Ray Train worker loop: a DeepSpeed engine, one optimizer step at a time, checkpoints and metrics.
+"""The offline training step (SFT, the DPO family, BFPO, reward and cost models) on the trainer core.
 
-Every worker runs :func:`train_loop_per_worker`. Ray Train has already created the torch process group
-(gloo on CPU, NCCL on GPU); ``deepspeed.initialize`` finds it initialised and wraps it instead of starting
-its own. One step: each worker collates its micro-batches (chosen and rejected rows stacked, so ONE policy
-forward covers both), computes masks (response x AMA) before any forward, runs policy and reference,
-and lets DeepSpeed accumulate, clip and step.
+Every worker runs :func:`train_loop_per_worker`: :mod:`eqrlhf.train.core` sets up the device, the DeepSpeed
+engines, the resume, the metrics and the checkpoints; this module adds what one offline step computes. Each
+worker collates its micro-batches (chosen and rejected rows stacked, so ONE policy forward covers both),
+computes masks (response x AMA) before any forward, runs policy and reference, and lets DeepSpeed
+accumulate, clip and step.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,24 +19,10 @@ from eqrlhf.algorithms.ama import ama_mask
 from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.algorithms.logprobs import masked_sum, shift_for_causal_lm
 from eqrlhf.algorithms.losses import LossInputs, compute_loss
-from eqrlhf.config import Config, ConfigError
+from eqrlhf.config import Config
 from eqrlhf.train.batching import PairSource, collate, read_columns, step_rows, worker_micro_batches
-from eqrlhf.train.checkpoint import (
-    checkpoint_dir_name,
-    load_resume_state,
-    load_training_checkpoint,
-    report_checkpoint,
-    save_training_checkpoint,
-    trainer_state,
-)
-from eqrlhf.train.deepspeed_config import build_ds_config, build_reference_ds_config, initialize_engine, lr_factor
-from eqrlhf.train.metrics import MetricsWriter, average_over_workers, memory_metrics
+from eqrlhf.train.core import Worker, build_policy, build_reference, restore, run_steps, start_worker, train_engine
 from eqrlhf.train.policy_forward import forward_plan, sequence_logps
-
-# Test hook for crash recovery: the worker of rank $EQRLHF_TEST_KILL_RANK (default: the last) SIGKILLs
-# itself after step $EQRLHF_TEST_KILL_AT_STEP, once: it first creates the marker file $EQRLHF_TEST_KILL_MARKER
-# and never fires when that file exists, so the restarted run goes through.
-KILL_AT_STEP, KILL_MARKER, KILL_RANK = "EQRLHF_TEST_KILL_AT_STEP", "EQRLHF_TEST_KILL_MARKER", "EQRLHF_TEST_KILL_RANK"
 
 
 @dataclass(frozen=True)
@@ -89,81 +71,6 @@ class StepSpec:
             loss_params=loss_params,
             ama_params=ama_params,
         )
-
-
-# ---- models -----------------------------------------------------------------------------------------------
-
-
-def _zero3_init(ds_config: dict):
-    """While the returned object lives, ``from_pretrained`` loads weights straight into ZeRO-3 partitions."""
-    from transformers.integrations import HfDeepSpeedConfig
-
-    return HfDeepSpeedConfig(ds_config)
-
-
-def build_policy(cfg: Config, spec: StepSpec):
-    """The trainable model: a causal LM (optionally with LoRA) or a ScalarHeadLM for reward/cost."""
-    from eqrlhf.models.loading import compile_decoder_layers, load_causal_lm
-
-    kwargs = {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code}
-    if spec.kind == "scalar":
-        from eqrlhf.models.heads import ScalarHeadLM
-
-        model = ScalarHeadLM.from_lm(cfg.model.name_or_path, **kwargs)
-        backbone = model.backbone
-    else:
-        model = backbone = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, **kwargs)
-    backbone.config.use_cache = False
-    if spec.compile:
-        compile_decoder_layers(backbone)
-    if cfg.train.grad_checkpointing:
-        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.lora:
-        from peft import LoraConfig, get_peft_model
-
-        lora = cfg.train.lora
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    if spec.bf16:
-        # Under ZeRO-3, zero.Init already created the loaded weights as bf16 partitions; what was built
-        # after it (the score head, LoRA adapters) is float32, and DeepSpeed needs a single dtype.
-        for param in model.parameters():
-            if not hasattr(param, "ds_id"):
-                param.data = param.data.to(torch.bfloat16)
-    return model
-
-
-def build_reference(cfg: Config, spec: StepSpec, world_size: int, device: torch.device):
-    """Frozen reference for in-trainer log-probs; None when the loss needs none, they are precomputed,
-    or LoRA is on (then the reference is the policy with its adapters disabled: no second model)."""
-    if spec.reference != "in_trainer" or spec.lora:
-        return None
-    from eqrlhf.models.loading import load_causal_lm
-
-    kwargs = {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.train.zero_stage == 3:
-        import deepspeed
-
-        ref_config = build_reference_ds_config(cfg.train, world_size)
-        keep = _zero3_init(ref_config)  # noqa: F841 (must outlive from_pretrained)
-        ref = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, **kwargs)
-        ref.config.use_cache = False
-        engine, *_ = deepspeed.initialize(model=ref, config=ref_config)
-        engine.eval()
-        return engine
-    ref = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, **kwargs)
-    ref.config.use_cache = False
-    ref.requires_grad_(False)
-    ref.eval()
-    return ref.to(device=device, dtype=torch.bfloat16 if spec.bf16 else None)
 
 
 # ---- one step ---------------------------------------------------------------------------------------------
@@ -269,119 +176,50 @@ def optimizer_step(engine, reference, batches: list[dict], spec: StepSpec, accum
 # ---- the worker -------------------------------------------------------------------------------------------
 
 
-def restore(engine, plan: dict) -> int:
-    """Load the checkpoint to continue from (Ray's latest after a crash, else train.resume*); return its step."""
-    state = load_resume_state(plan, lambda path: load_training_checkpoint(engine, path))
-    if state is None:
-        return 0
-    if state["global_batch"] != plan["global_batch"]:
-        raise ConfigError(
-            f"checkpoint at step {state['step']} was trained with global batch {state['global_batch']}, "
-            f"this run uses {plan['global_batch']}: the data position would not match"
+class OfflineSteps:
+    """One optimizer step over the global batch that (seed, step) picks from the pairs (or SFT rows)."""
+
+    counter, progress_key = "step", "loss"
+
+    def __init__(self, worker: Worker, spec: StepSpec, engine, reference):
+        cfg, plan = worker.cfg, worker.plan
+        self.worker, self.spec, self.engine, self.reference = worker, spec, engine, reference
+        self.source = PairSource(
+            read_columns(Path(plan["input_dir"]), plan["columns"]), worker.tokenizer, cfg.model.max_length, spec.loss
         )
-    return int(state["step"])
+        self.steps_per_epoch = plan["steps_per_epoch"]
 
+    def run(self, step: int) -> dict[str, float]:
+        cfg, train, pad_id = self.worker.cfg, self.worker.cfg.train, self.worker.tokenizer.pad_token_id
+        rows = step_rows(step, len(self.source), cfg.run.seed, self.worker.plan["global_batch"])
+        micro = worker_micro_batches(rows, self.worker.rank, train.micro_batch_size, train.grad_accum)
+        batches = [collate([self.source.get(int(i)) for i in idx], pad_id, self.spec.loss) for idx in micro]
+        started = time.perf_counter()
+        metrics = optimizer_step(self.engine, self.reference, batches, self.spec, train.grad_accum)
+        metrics["time/step_s"] = time.perf_counter() - started
+        return metrics
 
-def save_and_report(engine, step: int, state: dict, metrics: dict, tokenizer, rank: int, plan: dict) -> None:
-    """Write this worker's part of checkpoint step_N into a local dir; Ray Train merges and persists them."""
-    local = Path(tempfile.mkdtemp(prefix=f"eqrlhf-{checkpoint_dir_name(step)}-rank{rank}-"))
-    try:
-        save_training_checkpoint(engine, local, state, tokenizer, rank)
-        report_checkpoint(local, step, {**metrics, "step": step}, plan, rank)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
+    def finish(self, done: int, metrics: dict[str, float]) -> dict[str, float]:
+        metrics["tokens"] *= self.worker.world
+        metrics["throughput/tokens_per_s"] = metrics["tokens"] / max(metrics["time/step_s"], 1e-9)
+        metrics["epoch"] = done / self.steps_per_epoch
+        return metrics
 
-
-def _maybe_kill_for_test(step: int, rank: int, world: int) -> None:
-    at, marker = os.environ.get(KILL_AT_STEP), os.environ.get(KILL_MARKER)
-    if not (at and marker) or step != int(at) or rank != int(os.environ.get(KILL_RANK, world - 1)):
-        return
-    if not Path(marker).exists():
-        Path(marker).touch()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _progress(rank: int, total: int, start: int):
-    if rank != 0:
-        return None
-    from ray.experimental.tqdm_ray import tqdm
-
-    bar = tqdm(total=total, desc="train")
-    bar.update(start)
-    return bar
+    def state(self, done: int) -> dict:
+        return {}
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import deepspeed
-    import ray.train
-    import ray.train.torch
-
-    from eqrlhf.models.loading import load_tokenizer
-
-    # the config object itself, not a dump rebuilt here: it keeps the stage's restriction (eqrlhf.restricted_config)
-    cfg, plan = config["cfg"], config["plan"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    train = cfg.train
-    if train.use_gpu:
-        # DeepSpeed places the engine on cuda:$LOCAL_RANK; Ray Train's GPU for this worker is the one
-        # get_device() names (an index into CUDA_VISIBLE_DEVICES, not always the local rank).
-        device = ray.train.torch.get_device()
-        torch.cuda.set_device(device)
-        os.environ["LOCAL_RANK"] = str(device.index)
-    else:
-        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    torch.manual_seed(cfg.run.seed)  # same initial weights (fresh heads, LoRA) on every worker
+    worker = start_worker(config)
+    cfg, plan, world = worker.cfg, worker.plan, worker.world
     spec = StepSpec.from_config(cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file)
-    # Wrap Ray Train's process group in DeepSpeed's comm layer now (it starts none of its own when one
-    # exists), so that ZeRO-3 loading below already sees the real world size.
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    ds_config = build_ds_config(train, world)
-    keep = _zero3_init(ds_config) if train.zero_stage == 3 else None  # noqa: F841
-    model = build_policy(cfg, spec)
     total = plan["total_steps"]
-
-    def scheduler(optimizer):
-        # a closure, so the checkpoint keeps only the step count and the schedule comes from this config
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total, train.warmup_steps, train.lr_schedule)
-        )
-
-    engine = initialize_engine(model, ds_config, train.use_gpu, lr_scheduler=scheduler)
-    reference = build_reference(cfg, spec, world, engine.device)
-    start = restore(engine, plan)
-    source = PairSource(
-        read_columns(Path(plan["input_dir"]), plan["columns"]), tokenizer, cfg.model.max_length, spec.loss
-    )
-    writer = MetricsWriter(Path(plan["train_dir"]), start, plan.get("tracking")) if rank == 0 else None
-    bar = _progress(rank, total, start)
-    global_batch, per_epoch = plan["global_batch"], plan["steps_per_epoch"]
+    engine = train_engine(cfg.train, world, total, lambda: build_policy(cfg, scalar=spec.kind == "scalar"))
+    # LoRA needs no second model: the reference is the policy with its adapters disabled
+    in_trainer = spec.reference == "in_trainer" and not spec.lora
+    reference = build_reference(cfg, world, engine.device) if in_trainer else None
+    state = restore(worker, engine)
+    start = int(state["step"]) if state else 0
+    steps = OfflineSteps(worker, spec, engine, reference)
     engine.train()
-    for step in range(start, total):
-        torch.manual_seed(cfg.run.seed * 1_000_003 + step)  # per-step seed: dropout etc. resume exactly
-        rows = step_rows(step, len(source), cfg.run.seed, global_batch)
-        micro = worker_micro_batches(rows, rank, train.micro_batch_size, train.grad_accum)
-        batches = [collate([source.get(int(i)) for i in idx], tokenizer.pad_token_id, spec.loss) for idx in micro]
-        started = time.perf_counter()
-        metrics = optimizer_step(engine, reference, batches, spec, train.grad_accum)
-        metrics["time/step_s"] = time.perf_counter() - started
-        metrics.update(memory_metrics(engine.device))
-        metrics = average_over_workers(metrics, engine.device)
-        metrics["tokens"] *= world
-        metrics["throughput/tokens_per_s"] = metrics["tokens"] / max(metrics["time/step_s"], 1e-9)
-        done = step + 1
-        metrics["epoch"] = done / per_epoch
-        if writer is not None and (done % train.log_every == 0 or done == total):
-            writer.write(done, metrics)
-        if bar is not None:
-            bar.set_description(f"train loss {metrics['loss']:.4f}")
-            bar.update(1)
-        if (train.save_every and done % train.save_every == 0) or done == total:
-            state = trainer_state(done, per_epoch, global_batch, world, cfg.run.seed, plan["config_hash"], metrics)
-            save_and_report(engine, done, state, metrics, tokenizer, rank, plan)
-        _maybe_kill_for_test(done, rank, world)
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
+    run_steps(worker, steps, start, total, engine)

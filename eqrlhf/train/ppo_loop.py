@@ -1,4 +1,5 @@
-"""The Ray Train worker loop of the PPO family: rollouts, experience, K epochs of updates, weight sync.
+"""The PPO family's step on the trainer core (:mod:`eqrlhf.train.core`, shared with offline training: device,
+DeepSpeed engines, checkpoints, resume, metrics): rollouts, experience, K epochs of updates, weight sync.
 
 Per iteration i (every rank runs the same code; rank 0 alone talks to the engine pool):
  1. rank 0 samples ``ppo.prompts_per_iteration`` prompts (numpy generator seeded with (seed, i)), generates
@@ -9,7 +10,8 @@ Per iteration i (every rank runs the same code; rank 0 alone talks to the engine
  3. ``ppo.ppo_epochs`` passes over the shard in mini-batches (one optimizer step of the policy engine and of
     each critic engine per mini-batch), the policy loss masked by AMA when enabled;
  4. the new policy weights go to every engine, bucket by bucket (ZeRO-3 gathers one bucket at a time);
- 5. rank 0 logs metrics; every ``train.save_every`` iterations (and at the end) a checkpoint is written.
+ 5. the core logs metrics; every ``train.save_every`` iterations (and at the end) it writes a checkpoint (the
+    offline layout, plus the critics in ``critic/`` and ``cost_critic/``).
 Everything random is seeded by (run.seed, iteration), so a run resumed from iteration k's checkpoint (policy,
 critics, optimizers, lambda) repeats the uninterrupted run's trajectory.
 """
@@ -18,68 +20,31 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from eqrlhf.algorithms.catalog import loss_info
 from eqrlhf.algorithms.ppo import update_log_lambda
 from eqrlhf.config import Config
-from eqrlhf.errors import InputNotFound
 from eqrlhf.rollout.weight_sync import weight_device
-from eqrlhf.train.checkpoint import (
-    DS_TAG,
-    checkpoint_dir_name,
-    load_resume_state,
-    load_training_checkpoint,
-    refuse_pickled_code,
-    report_checkpoint,
-    save_model_weights,
-    save_training_checkpoint,
-    trainer_state,
+from eqrlhf.train.core import (
+    Worker,
+    build_policy,
+    build_reference,
+    frozen_model,
+    match_bf16,
+    restore,
+    run_steps,
+    start_worker,
+    train_engine,
 )
-from eqrlhf.train.deepspeed_config import build_ds_config, build_reference_ds_config, initialize_engine, lr_factor
-from eqrlhf.train.loop import StepSpec, _zero3_init, build_policy, build_reference
-from eqrlhf.train.metrics import MetricsWriter, average_over_workers, memory_metrics
 from eqrlhf.train.ppo_experience import Models, make_experience, ppo_update
 
 CRITICS = ("critic", "cost_critic")  # checkpoint sub-directories: HF-format model and <name>_deepspeed/ state
 
 
-def ppo_step_spec(cfg: Config) -> StepSpec:
-    """What loop.build_policy / build_reference need: a causal-LM policy with an in-trainer reference."""
-    return StepSpec(
-        loss=cfg.algorithm.loss,
-        kind="preference",
-        ama=False,
-        reference="in_trainer",
-        lora=False,
-        bf16=cfg.train.bf16,
-        chunk_size=cfg.train.logprob_chunk_size,
-        compile=cfg.train.compile,
-        share_prompt=False,  # PPO scores its own rollout rows, not pairs
-        loss_params={},
-        ama_params={},
-    )
-
-
 # ---- models -----------------------------------------------------------------------------------------------
-
-
-def _scheduler(cfg: Config, total_steps: int):
-    train = cfg.train
-
-    def build(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total_steps, train.warmup_steps, train.lr_schedule)
-        )
-
-    return build
 
 
 def _scalar_model(cfg: Config, init_dir: str | None):
@@ -94,43 +59,24 @@ def _scalar_model(cfg: Config, init_dir: str | None):
 
 def build_critic(cfg: Config, init_dir: str | None, world: int, total_steps: int):
     """A trainable value model in its own DeepSpeed engine (learning rate ``ppo.critic_lr``)."""
-
     train = cfg.train.model_copy(update={"lr": cfg.ppo.critic_lr or cfg.train.lr})
-    ds_config = build_ds_config(train, world)
-    keep = _zero3_init(ds_config) if train.zero_stage == 3 else None  # noqa: F841 (must outlive loading)
-    model = _scalar_model(cfg, init_dir)
-    model.backbone.config.use_cache = False
-    if train.grad_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if train.bf16:  # as loop.build_policy: what zero.Init did not create (the head) must match the backbone
-        for param in model.parameters():
-            if not hasattr(param, "ds_id"):
-                param.data = param.data.to(torch.bfloat16)
-    return initialize_engine(model, ds_config, train.use_gpu, lr_scheduler=_scheduler(cfg, total_steps))
 
+    def build():
+        model = _scalar_model(cfg, init_dir)
+        model.backbone.config.use_cache = False
+        if train.grad_checkpointing:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train.bf16:
+            match_bf16(model)
+        return model
 
-def build_frozen_scorer(cfg: Config, path: str, world: int, device: torch.device):
-    """A frozen reward / cost model: a ZeRO-3 inference engine when the policy is ZeRO-3 (as the reference)."""
-    if cfg.train.zero_stage == 3:
-        import deepspeed
-
-        ref_config = build_reference_ds_config(cfg.train, world)
-        keep = _zero3_init(ref_config)  # noqa: F841
-        engine, *_ = deepspeed.initialize(model=_scalar_model(cfg, path), config=ref_config)
-        engine.eval()
-        return engine
-    model = _scalar_model(cfg, path).requires_grad_(False).eval()
-    return model.to(device=device, dtype=torch.bfloat16 if cfg.train.bf16 else None)
+    return train_engine(train, world, total_steps, build)
 
 
 def build_models(cfg: Config, plan: dict, world: int) -> Models:
-
-    ppo, spec = cfg.ppo, ppo_step_spec(cfg)
+    ppo = cfg.ppo
     total_steps = plan["total_iterations"] * plan["steps_per_iteration"]
-    ds_config = build_ds_config(cfg.train, world)
-    keep = _zero3_init(ds_config) if cfg.train.zero_stage == 3 else None  # noqa: F841
-    model = build_policy(cfg, spec)
-    policy = initialize_engine(model, ds_config, cfg.train.use_gpu, lr_scheduler=_scheduler(cfg, total_steps))
+    policy = train_engine(cfg.train, world, total_steps, lambda: build_policy(cfg, scalar=False))
     reward_model, cost_model = plan["reward_model"], plan["cost_model"]  # absolute paths (None for rules)
     critic = build_critic(cfg, reward_model if ppo.critic_init == "reward_model" else None, world, total_steps)
     lagrangian = loss_info(cfg.algorithm.loss).lagrangian
@@ -139,13 +85,17 @@ def build_models(cfg: Config, plan: dict, world: int) -> Models:
         init = cost_model if ppo.cost_critic_init == "cost_model" else None
         cost_critic = build_critic(cfg, init, world, total_steps)
     device = policy.device
+
+    def scorer(path: str | None):
+        return frozen_model(cfg.train, world, device, lambda: _scalar_model(cfg, path)) if path else None
+
     return Models(
         policy=policy,
-        reference=build_reference(cfg, spec, world, device),
+        reference=build_reference(cfg, world, device),
         critic=critic,
         cost_critic=cost_critic,
-        reward_model=build_frozen_scorer(cfg, reward_model, world, device) if reward_model else None,
-        cost_model=build_frozen_scorer(cfg, cost_model, world, device) if cost_model else None,
+        reward_model=scorer(reward_model),
+        cost_model=scorer(cost_model),
     )
 
 
@@ -265,105 +215,57 @@ def read_prompt_rows(plan: dict) -> list[dict]:
     return table.to_pylist()
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------
-
-
-def save_ppo_checkpoint(
-    models: Models, iteration: int, state: dict, metrics: dict, tokenizer, rank: int, plan: dict
-) -> None:
-    """Critics, then the policy; the manifest written after Ray Train persisted every rank's part marks the
-    checkpoint complete."""
-    local = Path(tempfile.mkdtemp(prefix=f"eqrlhf-ppo-{checkpoint_dir_name(iteration)}-rank{rank}-"))
-    try:
-        for name, engine in critic_engines(models).items():
-            engine.save_checkpoint(str(local / f"{name}_deepspeed"), tag=DS_TAG)
-            save_model_weights(engine, local / name, tokenizer, rank)
-        save_training_checkpoint(models.policy, local, state, tokenizer, rank)
-        report_checkpoint(local, iteration, {**metrics, "iteration": iteration}, plan, rank)
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
-
-
-def _load_all(models: Models, path: Path) -> dict:
-    state = load_training_checkpoint(models.policy, path)
-    for name, engine in critic_engines(models).items():
-        refuse_pickled_code(engine)
-        load_path, _ = engine.load_checkpoint(str(path / f"{name}_deepspeed"), tag=DS_TAG)
-        if load_path is None:
-            raise InputNotFound(f"checkpoint {path} has no DeepSpeed state for the {name} ({name}_deepspeed/)")
-    return state
-
-
-def restore(models: Models, plan: dict) -> tuple[int, float | None]:
-    """(iterations done, log lambda) from Ray's latest checkpoint after a crash, else train.resume*, else (0, None)."""
-    state = load_resume_state(plan, lambda path: _load_all(models, path))
-    if state is None:
-        return 0, None
-    return int(state["step"]), state.get("log_lambda")
-
-
 # ---- the worker -------------------------------------------------------------------------------------------
 
 
-def _setup_device(cfg: Config) -> None:
-    if cfg.train.use_gpu:
-        import ray.train.torch
+class PPOSteps:
+    """One PPO iteration: rollouts, experience, ``ppo.ppo_epochs`` of updates, the Lagrange multiplier, sync."""
 
-        device = ray.train.torch.get_device()  # see loop.train_loop_per_worker
-        torch.cuda.set_device(device)
-        os.environ["LOCAL_RANK"] = str(device.index)
-    else:
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    counter, progress_key, steps_per_epoch = "iteration", "reward/score_mean", 1
+
+    def __init__(self, worker: Worker, models: Models, pool, log_lambda: float):
+        self.worker, self.models, self.pool, self.log_lambda = worker, models, pool, log_lambda
+        self.rows = read_prompt_rows(worker.plan) if worker.rank == 0 else None
+        self.lagrangian = loss_info(worker.cfg.algorithm.loss).lagrangian
+        self.started = self.rollout_s = 0.0
+
+    def run(self, iteration: int) -> dict[str, float]:
+        cfg, rank, models = self.worker.cfg, self.worker.rank, self.models
+        shard = self.worker.plan["rollout_batch"] // self.worker.world
+        self.started = time.perf_counter()
+        episodes = generate_episodes(self.pool, self.rows, cfg, iteration) if rank == 0 else None
+        self.rollout_s = time.perf_counter() - self.started
+        episodes = broadcast_episodes(episodes)[rank * shard : (rank + 1) * shard]
+        experience, metrics, mean_cost = make_experience(models, episodes, cfg, self.worker.tokenizer.pad_token_id)
+        if self.lagrangian:
+            ppo = cfg.ppo
+            self.log_lambda = update_log_lambda(
+                self.log_lambda, mean_cost, ppo.cost_threshold, ppo.lambda_lr, ppo.lambda_max
+            )
+        metrics.update(ppo_update(models, experience, cfg, iteration, math.exp(self.log_lambda)))
+        return metrics
+
+    def finish(self, done: int, metrics: dict[str, float]) -> dict[str, float]:
+        if self.lagrangian:
+            metrics["lagrangian/lambda"] = math.exp(self.log_lambda)
+        metrics.update(sync_policy(self.models.policy, self.pool, self.worker.cfg, self.worker.rank))
+        metrics["time/rollout_s"] = self.rollout_s
+        metrics["time/iteration_s"] = time.perf_counter() - self.started
+        return metrics
+
+    def state(self, done: int) -> dict:
+        return {"log_lambda": self.log_lambda, "rollout_batch": self.worker.plan["rollout_batch"], "iteration": done}
 
 
 def ppo_loop_per_worker(config: dict) -> None:
-    import deepspeed
-    import ray.train
-
-    from eqrlhf.models.loading import load_tokenizer
-
-    # the config object, not a dump rebuilt here: it keeps the stage's restriction (eqrlhf.restricted_config)
-    cfg, plan, pool = config["cfg"], config["plan"], config["pool"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _setup_device(cfg)
-    torch.manual_seed(cfg.run.seed)  # identical fresh critic heads on every worker
-    tokenizer = load_tokenizer(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file)
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    models = build_models(cfg, plan, world)
-    start, log_lambda = restore(models, plan)
-    if log_lambda is None:
-        log_lambda = math.log(cfg.ppo.lambda_init)
-    rows = read_prompt_rows(plan) if rank == 0 else None
+    worker = start_worker(config)
+    cfg, plan, pool = worker.cfg, worker.plan, config["pool"]
+    models = build_models(cfg, plan, worker.world)
+    critics = critic_engines(models)
+    state = restore(worker, models.policy, critics)
+    start = int(state["step"]) if state else 0
+    log_lambda = state.get("log_lambda") if state else None
+    steps = PPOSteps(worker, models, pool, math.log(cfg.ppo.lambda_init) if log_lambda is None else log_lambda)
     if start > 0 or plan["sync_at_start"]:  # engines must generate with exactly the policy we continue from
-        sync_policy(models.policy, pool, cfg, rank)
-    writer = MetricsWriter(Path(plan["train_dir"]), start, plan.get("tracking")) if rank == 0 else None
-    total, shard = plan["total_iterations"], plan["rollout_batch"] // world
-    lagrangian = loss_info(cfg.algorithm.loss).lagrangian
-    for iteration in range(start, total):
-        started = time.perf_counter()
-        torch.manual_seed(cfg.run.seed * 1_000_003 + iteration)
-        episodes = generate_episodes(pool, rows, cfg, iteration) if rank == 0 else None
-        rollout_s = time.perf_counter() - started
-        episodes = broadcast_episodes(episodes)[rank * shard : (rank + 1) * shard]
-        experience, metrics, mean_cost = make_experience(models, episodes, cfg, tokenizer.pad_token_id)
-        if lagrangian:
-            ppo = cfg.ppo
-            log_lambda = update_log_lambda(log_lambda, mean_cost, ppo.cost_threshold, ppo.lambda_lr, ppo.lambda_max)
-        metrics.update(ppo_update(models, experience, cfg, iteration, math.exp(log_lambda)))
-        metrics.update(memory_metrics(models.policy.device))
-        metrics = average_over_workers(metrics, models.policy.device)
-        if lagrangian:
-            metrics["lagrangian/lambda"] = math.exp(log_lambda)
-        metrics.update(sync_policy(models.policy, pool, cfg, rank))
-        metrics["time/rollout_s"] = rollout_s
-        metrics["time/iteration_s"] = time.perf_counter() - started
-        done = iteration + 1
-        if writer is not None and (done % cfg.train.log_every == 0 or done == total):
-            writer.write(done, metrics)
-        if (cfg.train.save_every and done % cfg.train.save_every == 0) or done == total:
-            state = trainer_state(done, 1, plan["global_batch"], world, cfg.run.seed, plan["config_hash"], metrics)
-            state.update(log_lambda=log_lambda, rollout_batch=plan["rollout_batch"], iteration=done)
-            save_ppo_checkpoint(models, done, state, metrics, tokenizer, rank, plan)
-    if writer is not None:
-        writer.close()
+        sync_policy(models.policy, pool, cfg, worker.rank)
+    run_steps(worker, steps, start, plan["total_iterations"], models.policy, critics)
