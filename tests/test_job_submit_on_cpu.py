@@ -150,7 +150,7 @@ def test_pipeline_job_through_the_job_api(token_head, tmp_path):
     out = tmp_path / "runs"
     entrypoint = (
         f"{sys.executable} jobs/pipeline.py -c configs/quickstart.yaml 'run.stages=[categorize, mix, pairs]' "
-        f"run.output_dir={out} 'mix.counts={{EHD: 5, IHD: 3, MHD: 2}}' pairs.missing=skip"
+        f"run.output_dir={out} 'mix.counts={{EHD: 5, IHD: 3, MHD: 2}}' mix.general_ratio=1.0 pairs.missing=skip"
     )
     job = submit_and_wait(token_head["address"], entrypoint, runtime_env)
     assert job["status"] == "SUCCEEDED", f"job {job['job_id']}: {job['status']}\n{job['logs'][-3000:]}"

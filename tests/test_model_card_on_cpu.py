@@ -59,7 +59,7 @@ def test_card_of_a_quickstart_run_before_and_after_its_evaluation(tmp_path):
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert {"eqrlhf", "safety", "ama-dpo", "text-generation"} <= set(card.data.tags)
     text = card.text
-    assert "| loss | `ama_dpo` (AMA token mask) |" in text and "| learning rate | 5e-06, cosine schedule" in text
+    assert "| loss | `ama_dpo` (AMA token mask) |" in text and "| learning rate | 3e-06, cosine schedule" in text
     assert "| steps run | 3 in 12 s |" in text and "loss 0.5000, rewards/accuracy 0.7500" in text
     assert "```yaml\nrun:\n  name: qs" in text  # the full config
     # the mixture by category, one column per data stage, from their manifests

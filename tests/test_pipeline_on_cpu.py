@@ -16,8 +16,9 @@ DEMO_ONLY_DATA = ["run.stages=[categorize, mix]", "mix.counts={EHD: 5, IHD: 3, M
 
 
 def test_stage_selection_follows_the_config():
-    everything = ["categorize", "mix", "pairs", "warm_start", "score", "train", "evaluate"]
-    cfg = load_config("configs/quickstart.yaml")  # warm start, then AMA-DPO scored by the warm start
+    everything = ["categorize", "mix", "pairs", "warm_start", "on_policy", "score", "train", "evaluate"]
+    # warm start, rejected answers sampled from it, then AMA-DPO scored by the warm start
+    cfg = load_config("configs/quickstart.yaml")
     assert [s.name for s in selected_stages(cfg)] == everything
     rm = load_config("configs/quickstart.yaml", ["ama.scorer=reward_prefix", "pipeline.warm_start=null"])
     with_rm = ["categorize", "mix", "pairs", "reward", "score", "train", "evaluate"]
@@ -27,7 +28,10 @@ def test_stage_selection_follows_the_config():
     )
     assert [s.name for s in selected_stages(given)] == everything
     plain = load_config("configs/quickstart.yaml", ["algorithm.loss=dpo", "algorithm.reference=in_trainer"])
-    assert [s.name for s in selected_stages(plain)] == ["categorize", "mix", "pairs", "warm_start", "train", "evaluate"]
+    plain_stages = ["categorize", "mix", "pairs", "warm_start", "on_policy", "train", "evaluate"]
+    assert [s.name for s in selected_stages(plain)] == plain_stages
+    written = load_config("configs/quickstart.yaml", ["pairs.rejected=instructed"])  # no sampling stage
+    assert "on_policy" not in [s.name for s in selected_stages(written)]
     cfg = load_config("configs/quickstart.yaml", ["run.stages=[mix]"])
     assert [s.name for s in selected_stages(cfg)] == ["mix"]
 
@@ -53,6 +57,7 @@ def test_a_warm_start_feeds_the_score_and_train_stages_but_not_the_before_model(
         "run.output_dir=/r",
         "pipeline.warm_start={epochs: 1, lr: 2.0e-5}",
         "ama.scorer=dpo_implicit",
+        "pairs.rejected=instructed",  # the pairs stage's answers go straight to score: no on_policy stage
     ]
     cfg = load_config("configs/quickstart.yaml", warm)
     names = [s.name for s in selected_stages(cfg)]
@@ -152,6 +157,7 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
         f"run.output_dir={tmp_path}",
         f"model.name_or_path={model}",
         "mix.counts={EHD: 3, IHD: 2, MHD: 1}",
+        "mix.general_ratio=1.0",
         "pairs.missing=skip",
         "pairs.rejected=on_policy",
         "pairs.samples=2",
