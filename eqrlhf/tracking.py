@@ -28,7 +28,6 @@ import warnings
 from pathlib import Path
 
 from eqrlhf.config import Config, ConfigError
-from eqrlhf.restricted_config import whole_config_for_records
 
 EXTRA = "pip install 'eqrlhf[tracking]'"
 PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}  # backend -> module it imports
@@ -116,15 +115,13 @@ def wandb_settings(cfg: Config) -> dict:
 # ---- training runs, on Ray Train rank 0 -------------------------------------------------------------------
 
 
-def training_plan(cfg: Config, train_dir: Path) -> dict | None:
-    """What rank 0 needs to open its run (JSON, in the training plan); None when tracking is off or fails here."""
+def training_plan(cfg: Config, train_dir: Path, record: dict) -> dict | None:
+    """What rank 0 needs to open its run (JSON, in the training plan); None when tracking is off or fails here.
+    ``record`` is the dump of the whole run's config the trainer writes to ``train_config.json``
+    (``whole_config_for_records``: a stage's restricted copy refuses dumps), logged as the run's params."""
     if not enabled(cfg):
         return None
-    plan = {
-        "backend": cfg.tracking.backend,
-        "run_name": Path(train_dir).name,
-        "params": flatten(whole_config_for_records(cfg).model_dump(mode="json")),  # a stage's copy refuses dumps
-    }
+    plan = {"backend": cfg.tracking.backend, "run_name": Path(train_dir).name, "params": flatten(record)}
     try:
         if cfg.tracking.backend == "mlflow":
             ensure_experiment(cfg)
