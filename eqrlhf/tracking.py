@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -287,7 +288,12 @@ class PipelineRun:
                 if self.backend == "mlflow":
                     self.client.log_artifact(self.run_id, str(path), folder)
                 else:
-                    self.wandb.save(str(path), base_path=str(Path(path).parent.parent), policy="now")
+                    # a copy at <folder>/<name> of the run's files, the layout MLflow's artifacts have: a link
+                    # (what wandb.save makes of an outside file) would show a rerun's file once synced
+                    copy = Path(self.wandb.dir) / folder / Path(path).name
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, copy)
+                    self.wandb.save(str(copy), base_path=self.wandb.dir, policy="now")
             except Exception as err:  # noqa: BLE001
                 warn(f"saving {path}", err)
 
