@@ -22,10 +22,9 @@ import yaml
 
 from eqrlhf.config import Config, from_dict
 from eqrlhf.model_card_data import data_licences, licence_section, mixture_rows, model_licence
+from eqrlhf.models.loading import BUNDLED
 
 CARD = "README.md"
-# the bundled model aliases (eqrlhf.models.loading.BUNDLED) as the hub ids their weights come from
-HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 SCALAR_LOSSES = {"reward": "reward model", "cost": "cost model"}
 
 
@@ -60,8 +59,8 @@ def front_matter(text: str) -> dict:
 def base_model_id(ref: str) -> str | None:
     """The hub id a model reference comes from: a bundled alias's source, a local checkpoint's own card's
     ``base_model`` (a warm start keeps the model it started from), a hub id itself; None when unknown."""
-    if ref in HUB_IDS:
-        return HUB_IDS[ref]
+    if ref in BUNDLED:
+        return BUNDLED[ref].hub_id
     path = Path(ref).expanduser()
     if path.exists():
         card = path / CARD

@@ -270,9 +270,10 @@ def _train_reads(cfg: Config) -> tuple[str, ...]:
     keys = ("train", "algorithm", "model", "run.seed")
     if cfg.algorithm.loss in ONLINE:
         return keys + ("ppo", "ama", "generation", "rollout")
-    # the input folder (eqrlhf.data.score.training_input_dir): the scored pairs, else the pairs
-    keys += ("ama.output", "pairs.output")
-    return keys + ("ama.rule", "ama.tau", "ama.baseline", "ama.baseline_mode", "control.clm_weight")
+    # the input folder (eqrlhf.data.score.training_input_dir): the scored pairs when the config scores, else the pairs
+    keys += ("pairs.output", "control.clm_weight") + (("ama.output",) if scoring_needed(cfg) else ())
+    # the AMA mask's settings only for a loss that masks (eqrlhf.train.loop.StepSpec reads them only then)
+    return keys + (("ama.rule", "ama.tau", "ama.baseline", "ama.baseline_mode") if ama_on(cfg) else ())
 
 
 def _train_inputs(cfg: Config) -> list[Path]:

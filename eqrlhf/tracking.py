@@ -23,12 +23,12 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
 
 from eqrlhf.config import Config, ConfigError
-from eqrlhf.restricted_config import whole_config_for_records
 
 EXTRA = "pip install 'eqrlhf[tracking]'"
 PACKAGES = {"mlflow": "mlflow", "wandb": "wandb"}  # backend -> module it imports
@@ -116,15 +116,13 @@ def wandb_settings(cfg: Config) -> dict:
 # ---- training runs, on Ray Train rank 0 -------------------------------------------------------------------
 
 
-def training_plan(cfg: Config, train_dir: Path) -> dict | None:
-    """What rank 0 needs to open its run (JSON, in the training plan); None when tracking is off or fails here."""
+def training_plan(cfg: Config, train_dir: Path, record: dict) -> dict | None:
+    """What rank 0 needs to open its run (JSON, in the training plan); None when tracking is off or fails here.
+    ``record`` is the dump of the whole run's config the trainer writes to ``train_config.json``
+    (``whole_config_for_records``: a stage's restricted copy refuses dumps), logged as the run's params."""
     if not enabled(cfg):
         return None
-    plan = {
-        "backend": cfg.tracking.backend,
-        "run_name": Path(train_dir).name,
-        "params": flatten(whole_config_for_records(cfg).model_dump(mode="json")),  # a stage's copy refuses dumps
-    }
+    plan = {"backend": cfg.tracking.backend, "run_name": Path(train_dir).name, "params": flatten(record)}
     try:
         if cfg.tracking.backend == "mlflow":
             ensure_experiment(cfg)
@@ -290,7 +288,12 @@ class PipelineRun:
                 if self.backend == "mlflow":
                     self.client.log_artifact(self.run_id, str(path), folder)
                 else:
-                    self.wandb.save(str(path), base_path=str(Path(path).parent.parent), policy="now")
+                    # a copy at <folder>/<name> of the run's files, the layout MLflow's artifacts have: a link
+                    # (what wandb.save makes of an outside file) would show a rerun's file once synced
+                    copy = Path(self.wandb.dir) / folder / Path(path).name
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, copy)
+                    self.wandb.save(str(copy), base_path=self.wandb.dir, policy="now")
             except Exception as err:  # noqa: BLE001
                 warn(f"saving {path}", err)
 

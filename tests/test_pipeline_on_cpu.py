@@ -144,8 +144,9 @@ def test_rerun_skips_unchanged_stages_and_reruns_downstream(tmp_path, ray_local,
 
 def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray_local, capsys):
     """categorize -> mix -> pairs -> warm start -> on-policy rejected answers from the warm start -> score ->
-    AMA-DPO -> evaluate -> report, then a rerun skips all. (The reward stage runs end to end in the threshold
-    sweep's test.)"""
+    AMA-DPO -> evaluate -> report, tracked in MLflow; then a rerun skips all, and one tracked in W&B (offline)
+    with a new learning rate re-runs only training and the trained model's evaluation. (The reward stage runs
+    end to end in the threshold sweep's test.)"""
     from eqrlhf.models.loading import load_tokenizer, tiny_llama
 
     model = tmp_path / "tiny"
@@ -214,6 +215,15 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
     assert [s for s in stages if not again[s].get("skipped")] == []
     assert "report" in again
 
+    # W&B offline: the tracker is in no fingerprint, so only the new learning rate re-runs anything (training,
+    # and the trained model's evaluation; the base model's is reused)
+    wandb = run_pipeline(
+        load_config("configs/quickstart.yaml", [*overrides, "tracking.backend=wandb", "train.lr=1e-5"])
+    )
+    assert [s for s in stages if not wandb[s].get("skipped")] == ["train", "evaluate"]
+    assert wandb["evaluate"]["base"]["reused"] and not wandb["evaluate"]["trained"]["reused"]
+    tracked_in_wandb(run, wandb)
+
 
 def tracked_in_mlflow(run: Path, evaluate: dict) -> None:
     """The pipeline's MLflow parent run and its two training runs, read back with the MLflow client."""
@@ -259,3 +269,47 @@ def tracked_in_mlflow(run: Path, evaluate: dict) -> None:
             if key != "step":
                 want = [(r["step"], pytest.approx(r[key])) for r in rows]
                 assert metric_history(client, child.info.run_id, key) == want, key
+
+
+def tracked_in_wandb(run: Path, report: dict) -> None:
+    """The pipeline's W&B parent run and the training run it started, read back from the offline run files:
+    one group (the run's name), told apart by job type, as the MLflow runs are by nesting."""
+    from test_tracking_on_cpu import wandb_offline_runs
+
+    from eqrlhf.train.metrics import read_metrics
+
+    runs = {r["job_type"]: r for r in wandb_offline_runs(run)}
+    assert sorted(runs) == ["pipeline", "train"] and {r["group"] for r in runs.values()} == {"quickstart"}
+    parent, train = runs["pipeline"], runs["train"]
+    assert (parent["name"], train["name"]) == ("quickstart", "train")
+    assert parent["exit_code"] == 0 == train["exit_code"]
+    config = json.loads((run / "config.json").read_text())
+    assert parent["config"]["train.lr"] == "1e-05" == json.dumps(config["train"]["lr"])
+    assert parent["config"]["model.name_or_path"] == config["model"]["name_or_path"]
+    summary = parent["summary"]
+    for stage, folder in (("categorize", "categorized"), ("mix", "mixture"), ("pairs", "pairs")):  # skipped ones too
+        manifest = json.loads((run / folder / "manifest.json").read_text())
+        assert summary[f"{stage}/rows_written"] == manifest["rows_written"]
+        for category, count in manifest["per_category"].items():
+            assert summary[f"{stage}/per_category/{category}"] == count
+    evaluate = report["evaluate"]
+    for tag in ("base", "trained"):  # the evaluation's headline numbers with their intervals, and its files
+        headline = json.loads(Path(evaluate[tag]["eval_json"]).read_text())["headline"]
+        stat = headline["harmful_compliance"]
+        assert summary[f"eval/{tag}/harmful_compliance"] == stat["rate"]
+        assert [summary[f"eval/{tag}/harmful_compliance_ci_{e}"] for e in ("low", "high")] == pytest.approx(
+            stat["ci95"]
+        )
+        for name in ("eval.json", "report.md", "safety_plane.png", "refusal_by_category.png"):
+            assert f"eval/{tag}/{name}" in parent["files"], (name, parent["files"])
+    assert {"report.md", "manifests/mix/manifest.json", "manifests/train/manifest.json"} <= set(parent["files"])
+    # copies taken when logged (a link would show a later rerun's file once synced)
+    saved = parent["folder"] / "files" / "eval" / "trained" / "eval.json"
+    assert not saved.is_symlink() and saved.read_text() == Path(evaluate["trained"]["eval_json"]).read_text()
+    # the training run: the whole config as params, every point of metrics.jsonl
+    assert train["config"]["algorithm.loss"] == "ama_dpo" and train["config"]["train.lr"] == "1e-05"
+    rows = read_metrics(run / "train" / "metrics.jsonl")
+    assert [row["_step"] for row in train["history"]] == [r["step"] for r in rows]
+    assert [{k: row[k] for k in r if k != "step"} for row, r in zip(train["history"], rows)] == [
+        {k: pytest.approx(v) for k, v in r.items() if k != "step"} for r in rows
+    ]

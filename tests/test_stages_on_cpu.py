@@ -91,6 +91,21 @@ def test_ppo_training_and_evaluation_read_their_own_keys(base):
     assert _runs(load_config(CONFIG, [*ppo, "pairs.samples=7"])) == {}
 
 
+def test_the_ama_mask_settings_are_training_keys_only_for_a_loss_that_masks(base):
+    overrides, _ = base
+    _settle(load_config(CONFIG, overrides))  # the quickstart's ama_dpo: the mask's settings are train keys
+    masked = _runs(load_config(CONFIG, [*overrides, "ama.tau=0.5"]))
+    assert list(masked) == ["score", "train", "evaluate"] and "config ama.tau changed" in masked["train"]
+    # plain DPO with its reference in the trainer: no score stage, and neither the mask nor the scored folder
+    dpo = [*overrides, "algorithm.loss=dpo", "algorithm.reference=in_trainer"]
+    _settle(load_config(CONFIG, dpo))
+    assert not {"ama.rule", "ama.tau", "ama.output"} & set(STAGES["train"].reads(load_config(CONFIG, dpo)))
+    assert _runs(load_config(CONFIG, [*dpo, "ama.tau=0.5", "ama.rule=sign", "ama.output=elsewhere"])) == {}
+    # with precomputed reference log-probs the scored folder is the training input again
+    precomputed = load_config(CONFIG, [*dpo, "algorithm.reference=precomputed"])
+    assert "ama.output" in STAGES["train"].reads(precomputed) and "ama.tau" not in STAGES["train"].reads(precomputed)
+
+
 def test_an_input_file_edited_in_place_and_a_new_version_rerun(base):
     overrides, corpus = base
     _settle(load_config(CONFIG, overrides))

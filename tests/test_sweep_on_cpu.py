@@ -296,3 +296,49 @@ def tracked_in_mlflow(cfg, manifest: dict) -> None:
         assert float(tracked.data.params["ama.tau"]) == pytest.approx(trial["params"]["ama.tau"])
         for metric in ("harmful_compliance", "over_refusal", "objective"):
             assert [v for _, v in metric_history(client, tracked.info.run_id, metric)] == [pytest.approx(trial[metric])]
+
+
+def test_wandb_logs_each_trial_of_a_sweep_as_one_offline_run(tmp_path, ray_local):
+    """The W&B twin of the threshold sweep's MLflow check above: the sweep's search space, search algorithm and
+    Tune callbacks (eqrlhf.tracking.tune_callbacks, what run_sweep hands Tune), with a trainable that reports
+    made-up evaluations instead of training, to keep CI short: everything else run_sweep does is the same for
+    both backends and runs end to end above."""
+    from ray import tune
+    from test_tracking_on_cpu import wandb_offline_runs
+
+    from eqrlhf.tracking import sweep_experiment, tune_callbacks
+    from eqrlhf.tune.space import param_space
+    from eqrlhf.tune.sweep import search_algorithm
+    from eqrlhf.tune.trial import trial_metrics
+
+    cfg = load_config(THRESHOLDS, [f"run.output_dir={tmp_path}", "sweep.num_samples=2", "tracking.backend=wandb"])
+
+    def made_up(params: dict, step: int) -> dict:
+        summary = {
+            "harmful_compliance": params["ama.tau"] / step,
+            "over_refusal": 0.25 * step,
+            "likelihood_retention": 0.5,
+        }
+        return trial_metrics(summary, cfg, step, total_steps=2, planned=2)
+
+    def trainable(params: dict) -> None:
+        for step in (1, 2):
+            tune.report(made_up(params, step))
+
+    grid = tune.Tuner(
+        trainable,
+        param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(search_alg=search_algorithm(cfg), num_samples=2, max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path / "tune"), callbacks=tune_callbacks(cfg)),
+    ).fit()
+    assert len(grid) == 2 and not grid.errors
+    runs = wandb_offline_runs(cfg.run.dir)  # every trial's run in the run folder, as the training runs are
+    assert sorted(r["folder"].name.rsplit("-", 1)[1] for r in runs) == sorted(r.metrics["trial_id"] for r in grid)
+    for result in grid:
+        (run,) = [r for r in runs if r["folder"].name.endswith(result.metrics["trial_id"])]
+        assert run["group"] == sweep_experiment(cfg) == "thresholds-thresholds" and run["exit_code"] == 0
+        assert {k: run["config"][k] for k in cfg.sweep.space} == result.config  # the sampled values as params
+        assert [row["_step"] for row in run["history"]] == [1, 2]  # one point per report
+        for row, step in zip(run["history"], (1, 2)):
+            for metric in ("harmful_compliance", "over_refusal", "objective"):
+                assert row[metric] == pytest.approx(made_up(result.config, step)[metric]), metric

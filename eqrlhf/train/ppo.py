@@ -165,7 +165,8 @@ def _batch_plan(cfg: Config) -> dict:
 
 
 def prepare_ppo(cfg: Config) -> dict:
-    """Validate config and inputs without Ray; return the plan every worker receives (plain JSON data)."""
+    """Validate config and inputs without Ray; return the plan every worker receives (plain JSON data; the
+    trainer adds its ``tracking`` entry once it has dumped the config)."""
     from eqrlhf.models.loading import load_tokenizer, resolve_model
     from eqrlhf.train.checkpoint import read_trainer_state
 
@@ -200,7 +201,6 @@ def prepare_ppo(cfg: Config) -> dict:
         "resume_from": str(resume_from) if resume_from else None,
         "sync_at_start": False,
         "config_hash": cfg.hash(),
-        "tracking": training_plan(cfg, out),  # MLflow / W&B run of rank 0; None when off
     }
 
 
@@ -268,7 +268,9 @@ def run_ppo(cfg: Config, pool=None) -> dict:
         shutil.rmtree(out)  # a stale Ray run snapshot here would make Ray Train resume it (see run_train)
     out.mkdir(parents=True, exist_ok=True)
     record = whole_config_for_records(cfg)  # the whole run's config, also where the stage holds part of it
-    (out / "train_config.json").write_text(json.dumps(record.model_dump(mode="json"), indent=2))
+    dump = record.model_dump(mode="json")  # one dump: train_config.json and the tracked run's params
+    (out / "train_config.json").write_text(json.dumps(dump, indent=2))
+    plan["tracking"] = training_plan(cfg, out, dump)  # MLflow / W&B run of rank 0; None when off
     init_ray()
     owned = pool is None
     # a pool someone else used may hold other weights: give it this run's starting policy first
