@@ -21,7 +21,7 @@ from eqrlhf.data.schema import Limits, make_row, rows_to_table
 from eqrlhf.data.tokenize import encode_pair
 from eqrlhf.manifest import StageWriter
 from eqrlhf.train import TrainInputError, prepare_train, run_train
-from eqrlhf.train.batching import collate, step_rows, worker_micro_batches
+from eqrlhf.train.batching import collate, read_columns, step_rows, worker_micro_batches
 from eqrlhf.train.deepspeed_config import build_ds_config, lr_factor
 from eqrlhf.train.loop import StepSpec, loss_scales, micro_loss, prepare_batch
 
@@ -175,6 +175,22 @@ def test_one_worker_two_micro_batches_read_what_two_workers_read():
     # every row of an epoch appears at most once
     epoch0 = np.concatenate([step_rows(s, 10, 5, 4) for s in (0, 1)])
     assert len(set(epoch0.tolist())) == 8
+
+
+def test_rows_written_in_any_order_train_on_the_same_batches(tmp_path):
+    """Ray Data stages write rows in task-finishing order; training reads them in id order, so the same rows
+    give the same step -> rows mapping however the stage before wrote them."""
+    import pyarrow.parquet as pq
+
+    rows = {"id": [f"demo:r-{i:02d}" for i in range(12)], "prompt": [f"p{i}" for i in range(12)]}
+    for name, order in (("forward", range(12)), ("shuffled", np.random.default_rng(3).permutation(12))):
+        (tmp_path / name / "rows").mkdir(parents=True)
+        table = pa.table({k: [v[i] for i in order] for k, v in rows.items()})
+        pq.write_table(table.slice(0, 5), tmp_path / name / "rows" / "part-0.parquet")  # two files, like shards
+        pq.write_table(table.slice(5), tmp_path / name / "rows" / "part-1.parquet")
+        (tmp_path / name / "manifest.json").write_text("{}")
+    forward, shuffled = (read_columns(tmp_path / n, ["id", "prompt"]) for n in ("forward", "shuffled"))
+    assert forward.column("id").to_pylist() == shuffled.column("id").to_pylist() == rows["id"]
 
 
 def _separate_response_logp(model, prompt: list[int], response: list[int]) -> torch.Tensor:

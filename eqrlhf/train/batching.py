@@ -62,8 +62,13 @@ def input_columns(input_dir: Path) -> list[str]:
 
 
 def read_columns(input_dir: Path, columns: list[str]) -> pa.Table:
+    """The rows in id order. The stages before training write their rows in whatever order Ray Data's tasks
+    finish, so two runs of the same config can hold the same rows in a different order; the step -> rows
+    mapping permutes row positions, so without a canonical order they would train on different batches."""
     files = [str(f) for f in _parquet_files(input_dir)]
-    return pads.dataset(files, format="parquet").to_table(columns=columns)
+    table = pads.dataset(files, format="parquet").to_table(columns=columns)
+    keys = [k for k in ("id", "prompt") if k in table.column_names]  # prompt breaks ties between repeated ids
+    return table.sort_by([(k, "ascending") for k in keys]) if keys else table
 
 
 def _where(table: pa.Table, i: int) -> str:
