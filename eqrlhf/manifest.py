@@ -168,8 +168,17 @@ def rows_path(stage_dir: str | Path) -> Path:
     return Path(stage_dir) / ROWS_DIR
 
 
+def in_id_order(table: pa.Table) -> pa.Table:
+    """A stage's rows in one canonical order. Ray Data writes them in whatever order its tasks finish, so two
+    runs of the same config hold the same rows in different orders; whatever picks rows by position (the
+    trainer's step -> rows permutation, PPO's prompt batches) needs this order to repeat a run."""
+    keys = [k for k in ("id", "prompt") if k in table.column_names]  # prompt breaks ties between repeated ids
+    return table.sort_by([(k, "ascending") for k in keys]) if keys else table
+
+
 def read_rows(stage_dir: str | Path) -> pa.Table:
-    """Load a (small) stage output in memory; large ones should go through ray.data.read_parquet."""
+    """Load a (small) stage output in memory, in the order the stage wrote it; large ones should go through
+    ray.data.read_parquet."""
     path = rows_path(stage_dir)
     files = sorted(path.glob("*.parquet"))
     if not files:

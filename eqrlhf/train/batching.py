@@ -26,7 +26,7 @@ import torch
 from eqrlhf.algorithms.catalog import loss_info, response_sides
 from eqrlhf.data.tokenize import encode_pair
 from eqrlhf.errors import InputError
-from eqrlhf.manifest import read_manifest, rows_path
+from eqrlhf.manifest import in_id_order, read_manifest, rows_path
 
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 MAX_LISTED_ERRORS = 5
@@ -62,13 +62,10 @@ def input_columns(input_dir: Path) -> list[str]:
 
 
 def read_columns(input_dir: Path, columns: list[str]) -> pa.Table:
-    """The rows in id order. The stages before training write their rows in whatever order Ray Data's tasks
-    finish, so two runs of the same config can hold the same rows in a different order; the step -> rows
-    mapping permutes row positions, so without a canonical order they would train on different batches."""
+    """The rows in id order (:func:`eqrlhf.manifest.in_id_order`): the step -> rows mapping permutes row
+    positions, so the same rows must sit in the same places in every run."""
     files = [str(f) for f in _parquet_files(input_dir)]
-    table = pads.dataset(files, format="parquet").to_table(columns=columns)
-    keys = [k for k in ("id", "prompt") if k in table.column_names]  # prompt breaks ties between repeated ids
-    return table.sort_by([(k, "ascending") for k in keys]) if keys else table
+    return in_id_order(pads.dataset(files, format="parquet").to_table(columns=columns))
 
 
 def _where(table: pa.Table, i: int) -> str:

@@ -110,7 +110,7 @@ def check_prompts(cfg: Config, input_dir: Path, tokenizer) -> tuple[list[int], l
     """Row indices whose prompt fits ``model.max_length`` with ``ppo.max_new_tokens`` of room, and the ids of
     those that do not (reported in the manifest, never sampled). A missing prompt is an error."""
     from eqrlhf.data.tokenize import encode_prompt
-    from eqrlhf.manifest import read_rows
+    from eqrlhf.manifest import in_id_order, read_rows
 
     if not (input_dir / "manifest.json").is_file():
         raise TrainInputError(
@@ -118,7 +118,7 @@ def check_prompts(cfg: Config, input_dir: Path, tokenizer) -> tuple[list[int], l
             "or run `eqrlhf pipeline` first"
         )
     columns = ["id", "prompt", "history", "file", "line"]
-    table = read_rows(input_dir)
+    table = in_id_order(read_rows(input_dir))  # ppo_loop.read_prompt_rows takes these indices in the same order
     rows = table.select([c for c in columns if c in table.column_names]).to_pylist()
     bad = [f"{_where(r)}: field 'prompt' is missing or empty" for r in rows if not (r.get("prompt") or "").strip()]
     if bad:

@@ -206,10 +206,10 @@ def broadcast_episodes(episodes: list[dict] | None) -> list[dict]:
 
 
 def read_prompt_rows(plan: dict) -> list[dict]:
-    """The prompt rows ``prepare_ppo`` accepted, in table order (rank 0 only)."""
-    from eqrlhf.manifest import read_rows
+    """The prompt rows ``prepare_ppo`` accepted, in the id order both read them in (rank 0 only)."""
+    from eqrlhf.manifest import in_id_order, read_rows
 
-    table = read_rows(plan["input_dir"])
+    table = in_id_order(read_rows(plan["input_dir"]))
     columns = [c for c in ("id", "prompt", "history", "category") if c in table.column_names]
     table = table.select(columns).take(plan["prompt_rows"])
     return table.to_pylist()
