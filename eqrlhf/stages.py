@@ -353,7 +353,7 @@ PIPELINE = [
         "score",
         run_score,
         "add AMA token scores and reference log-probs",
-        lambda c: ("ama", "algorithm", "model", "run.seed"),
+        lambda c: ("ama", "algorithm", "model", "run.seed", "train.autocast"),
         lambda c: [
             c.stage_dir(c.ama.input, "pairs"),
             *_local(c, c.model.name_or_path, c.ama.scorer_model, c.ama.scorer_ref_model),

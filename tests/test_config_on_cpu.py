@@ -45,6 +45,16 @@ def test_bad_files_are_named(tmp_path):
         load_config(None, ["train.lr"])
 
 
+def test_autocast_is_one_precision_and_offline_only():
+    assert load_config(None, ["train.autocast=true"]).train.autocast is True
+    with pytest.raises(ConfigError, match=r"'train'.*'autocast' and 'bf16' are both true"):
+        load_config(None, ["train.autocast=true", "train.bf16=true"])
+    with pytest.raises(ConfigError, match=r"'pipeline.warm_start'.*'autocast' and 'bf16'"):
+        load_config("configs/quickstart.yaml", ["pipeline.warm_start.autocast=true", "pipeline.warm_start.bf16=true"])
+    with pytest.raises(ConfigError, match=r"'train.autocast' is true, but algorithm.loss=ppo is online"):
+        load_config(None, ["train.autocast=true", "algorithm.loss=ppo"])
+
+
 def test_hash_changes_with_content_only():
     a, b = load_config(None, ["mix.counts.EHD=1"]), load_config(None, ["mix.counts.EHD=1"])
     assert a.hash() == b.hash() != load_config(None, ["mix.counts.EHD=2"]).hash()

@@ -299,3 +299,22 @@ def test_tokenize_batch_fills_row_schema_and_names_a_bad_row(models):
     rows = rows.set_column(rows.schema.get_field_index("line"), "line", pa.array([6], pa.int64()))
     with pytest.raises(ValueError, match=r"row t:5 \(pairs.jsonl:6\): cannot tokenize"):
         tokenize_batch(rows, **kwargs)
+
+
+def test_reference_logprobs_follow_the_trainers_autocast(ray_local, tmp_path, models):
+    """With train.autocast the trainer's policy log-probs come from bfloat16 matmuls: the precomputed
+    reference must come from the same arithmetic, not from float32."""
+    paths, tok = models
+    cfg = make_cfg(tmp_path, paths, algorithm={"loss": "dpo", "reference": "precomputed"}, train={"autocast": True})
+    rows = write_pairs(cfg)
+    assert run_score(cfg)["ref_logps"] is True
+    out = by_id(read_rows(cfg.run.dir / "scored"))
+    ref = load_causal_lm(str(paths["base"])).eval()
+    for row in rows:
+        enc = encode_pair(tok, row, MAX_LENGTH)
+        written = out[row["id"]]["ref_chosen_logps"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = direct_logprobs(ref, enc["prompt_ids"], enc["chosen_ids"])
+        fp32 = direct_logprobs(ref, enc["prompt_ids"], enc["chosen_ids"])
+        np.testing.assert_allclose(written, bf16, atol=1e-5)  # measured: within 2e-6
+        assert np.abs(written - fp32).max() > 5e-4  # measured: 1e-3 to 2e-3 on this tiny model

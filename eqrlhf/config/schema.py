@@ -56,6 +56,16 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _autocast_offline_only(self) -> Config:
+        # PPO's ratios and KL compare log-probs from several models and passes: not yet one arithmetic for all
+        if self.train.autocast and loss_info(self.algorithm.loss).kind == "online":
+            raise ValueError(
+                f"'train.autocast' is true, but algorithm.loss={self.algorithm.loss} is online (PPO): autocast is "
+                "supported for the offline losses (DPO family, sft, reward); set train.autocast=false"
+            )
+        return self
+
     def resolve_path(self, path: str) -> Path:
         return Path(path.replace("{data_root}", self.data.data_root)).expanduser()
 

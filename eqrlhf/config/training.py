@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from eqrlhf.algorithms.catalog import loss_info
 from eqrlhf.config.base import Section
@@ -72,6 +72,11 @@ class TrainSection(Section):
     # bf16 weights and activations, fp32 master weights. At zero_stage 1 gradients also accumulate in fp32
     # (DeepSpeed's BF16_Optimizer), which is the lightest step on one GPU; ZeRO-0 accumulates in bf16.
     bf16: bool = False
+    # float32 weights, gradients and optimizer; matmuls in bfloat16 under torch.autocast (DeepSpeed's
+    # torch_autocast). Exact float32 updates, unlike bf16 weights, whose rounding (8 mantissa bits) swallows
+    # most of a step at DPO's learning rates. On CPUs with AMX (Sapphire Rapids and later) a forward and
+    # backward of SmolLM2-135M runs about 1.9x faster than float32. Not together with bf16.
+    autocast: bool = False
     micro_batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     epochs: int = Field(1, ge=1)
@@ -96,6 +101,12 @@ class TrainSection(Section):
     share_prompt: bool = False
     max_failures: int = Field(0, ge=-1)  # Ray Train restarts after a worker failure; -1 = no limit
     log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_precision(self) -> TrainSection:
+        if self.bf16 and self.autocast:
+            raise ValueError("'autocast' and 'bf16' are both true: choose one (autocast keeps float32 weights)")
+        return self
 
 
 class PPOSection(Section):

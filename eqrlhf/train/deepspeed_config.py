@@ -41,6 +41,7 @@ def build_ds_config(train: TrainSection, world_size: int) -> dict:
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": train.bf16},
+        "torch_autocast": {"enabled": train.autocast, "dtype": "bfloat16"},
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": train.weight_decay},

@@ -35,6 +35,7 @@ class StepSpec:
     reference: str | None  # in_trainer | precomputed | None (loss needs none)
     lora: bool
     bf16: bool
+    autocast: bool  # bfloat16 matmuls over float32 weights: the policy via DeepSpeed, the reference here
     chunk_size: int | None
     compile: bool
     share_prompt: bool
@@ -65,6 +66,7 @@ class StepSpec:
             reference=algo.reference if loss_info(loss).uses_reference else None,
             lora=cfg.train.lora.r > 0,
             bf16=cfg.train.bf16,
+            autocast=cfg.train.autocast,
             chunk_size=cfg.train.logprob_chunk_size,
             compile=cfg.train.compile,
             share_prompt=cfg.train.share_prompt,
@@ -100,8 +102,10 @@ def reference_sums(engine, reference, batch: dict, spec: StepSpec) -> torch.Tens
     elif reference is None:  # LoRA: the base model is the policy without its adapters
         with engine.module.disable_adapter():
             ref_logps = sequence_logps(engine, batch, spec)
-    else:
-        ref_logps = sequence_logps(reference, batch, spec)
+    else:  # the same arithmetic as the policy's forward, so that policy == reference gives equal log-probs
+        device_type = batch["input_ids"].device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=spec.autocast):
+            ref_logps = sequence_logps(reference, batch, spec)
     return masked_sum(ref_logps.float(), batch["loss_mask"])
 
 

@@ -144,7 +144,8 @@ def _shared_prompt_logps(model, batch: dict, plan: dict, spec: StepSpec) -> torc
     attention = getattr(getattr(model, "module", model).config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):  # flash kernels take no 4-D mask
         raise ConfigError(f"train.share_prompt needs sdpa or eager attention, the model uses {attention}")
-    dtype = next(model.parameters()).dtype  # an additive mask works for both sdpa and eager attention
+    # an additive mask works for both sdpa and eager attention; in the dtype attention computes in
+    dtype = torch.bfloat16 if spec.autocast else next(model.parameters()).dtype
     mask = torch.zeros(plan["allowed"].shape, dtype=dtype, device=plan["allowed"].device)
     mask.masked_fill_(~plan["allowed"], torch.finfo(dtype).min)
     logits = model(
