@@ -98,7 +98,7 @@ def test_the_restriction_survives_pickling_into_a_ray_task(tmp_path, ray_local):
     [
         [],
         ["generation.engine=vllm", "pairs.judge=true", "categorize.method=judge"],
-        ["algorithm.loss=ppo", "ppo.reward_rule=refusal"],
+        ["algorithm.loss=ppo", "ppo.reward_rule=refusal", "train.autocast=false"],
         ["pipeline.warm_start={}", "pairs.rejected=on_policy", "algorithm.loss=ama_dpo"],
     ],
 )

@@ -79,7 +79,7 @@ def test_a_changed_key_reruns_its_stage_and_everything_after(base, change, first
 
 def test_ppo_training_and_evaluation_read_their_own_keys(base):
     overrides, _ = base
-    ppo = [*overrides, "algorithm.loss=ppo", "run.stages=[mix, train, evaluate]"]
+    ppo = [*overrides, "algorithm.loss=ppo", "train.autocast=false", "run.stages=[mix, train, evaluate]"]
     _settle(load_config(CONFIG, ppo))
     assert set(_runs(load_config(CONFIG, [*ppo, "ppo.iterations=3"]))) == {"train", "evaluate"}
     assert "config rollout changed" in _runs(load_config(CONFIG, [*ppo, "rollout.num_engines=3"]))["train"]
