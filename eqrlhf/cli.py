@@ -20,6 +20,7 @@ import traceback
 
 from eqrlhf.config import ConfigError, load_config
 from eqrlhf.errors import find_user_error
+from eqrlhf.terminal import set_verbose
 
 # commands that are not pipeline stages (eqrlhf.stages declares those): name -> (module, function, help).
 # Imported on use: the sweep and control modules pull in Ray Tune and torch, which --help should not pay for.
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", help="YAML config file (defaults when omitted)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. mix.counts.EHD=100")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show every line Ray prints and Ray Data's per-operator progress (the log files keep them anyway)",
+        )
         if name in SINGLE_STAGES:
             p.add_argument("--force", action="store_true", help="run even when nothing it reads has changed")
         if name == "pipeline":
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
+    set_verbose(args.verbose)  # before anything starts Ray (eqrlhf.terminal)
     run = _runner(args)
     return _guarded(args.stage, lambda: run(cfg))
 

@@ -24,6 +24,7 @@ from eqrlhf.model_card import write_evaluated_card
 from eqrlhf.pipeline_report import summary_screen, write_report
 from eqrlhf.restricted_config import restrict
 from eqrlhf.stages import PIPELINE, Stage, effective_config
+from eqrlhf.terminal import ray_log_dir
 from eqrlhf.tracking import PipelineRun, check_tracking
 
 MANIFEST = "manifest.json"
@@ -117,9 +118,11 @@ def check_all(stages: list[Stage], cfg: Config) -> None:
 def run_pipeline(cfg: Config, plan_only: bool = False) -> dict:
     """Run the selected stages (skipping unchanged ones); print and return per-stage manifests.
 
-    When the evaluate stage is selected, also writes ``<run>/report.md`` (base vs trained), rewrites the
-    trained model's card with its evaluation (``report["model_card"]``) and prints a one-screen before/after
-    summary; ``report["report"]`` holds the report's path.
+    Ends with a one-screen summary (eqrlhf.pipeline_report.summary_screen): each stage's time and outcome, the
+    outputs and the Ray session's log folder. When the evaluate stage is selected, also writes
+    ``<run>/report.md`` (base vs trained), rewrites the trained model's card with its evaluation
+    (``report["model_card"]``) and puts the before/after numbers on that screen; ``report["report"]`` holds the
+    report's path.
     """
     stages = selected_stages(cfg)  # before the reward model's path is filled in: it decides the reward stage
     if plan_only:
@@ -153,6 +156,7 @@ def _run_selected(cfg: Config, stages: list[Stage], shown: Config, tracked: Pipe
             print(f"[pipeline] {stage.name}: done in {timings[stage.name]:.1f}s", flush=True)
     seconds = time.time() - started_all
     print(f"[pipeline] finished in {seconds:.1f}s; outputs in {cfg.run.dir}")
+    path = None
     if "evaluate" in report:
         path = write_report(shown, report, timings, seconds)
         report["report"] = str(path)
@@ -160,5 +164,5 @@ def _run_selected(cfg: Config, stages: list[Stage], shown: Config, tracked: Pipe
         if card is not None:
             report["model_card"] = str(card)
             print(f"[pipeline] model card: {card}")
-        print(summary_screen(shown, report, timings, seconds, path))
+    print(summary_screen(shown, report, timings, seconds, path, ray_log_dir()), flush=True)
     return report

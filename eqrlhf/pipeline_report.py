@@ -225,25 +225,52 @@ def _both_completions(base: dict | None, trained: dict) -> tuple[dict, dict] | N
         return None
 
 
-def summary_screen(cfg: Config, report: dict, timings: dict, seconds: float, path: Path) -> str:
-    """A one-screen before/after summary for the terminal: each number with its 95% interval and count, the
+def _stage_result(name: str, manifest: dict) -> str:
+    """One stage's outcome in a few words, from its manifest."""
+    if name == "evaluate":
+        base = manifest.get("base")
+        return ("base model" + (" (reused)" if base.get("reused") else "") + " and " if base else "") + "trained model"
+    if "steps_run" in manifest:  # the training stages
+        loss = (manifest.get("final_metrics") or {}).get("loss")
+        return f"{manifest['steps_run']} steps" + (f", final loss {loss:.4f}" if loss is not None else "")
+    if "rows_written" in manifest:  # the data stages
+        return f"{manifest['rows_written']} rows written"
+    return ""
+
+
+def summary_screen(
+    cfg: Config, report: dict, timings: dict, seconds: float, path: Path | None = None, logs: Path | None = None
+) -> str:
+    """The pipeline's last screen: what each stage did and how long it took, where the outputs and the full logs
+    are; with the evaluate stage, first the before/after numbers, each with its 95% interval and count, the
     change, and for the rates McNemar's paired test between the two models on the same prompts."""
-    ev = report["evaluate"]
-    base, trained = ev.get("base"), ev["trained"]
-    completions = _both_completions(base, trained)
     rule = "-" * 78
     lines = [rule, f"eqrlhf pipeline '{cfg.run.name}' ({cfg.algorithm.loss}) finished in {seconds:.0f} s", rule]
-    for key, label, better in HEADLINE:
-        b = base["summary"].get(key) if base else None
-        t = trained["summary"].get(key)
-        if b is None and t is None:
-            continue
-        change = _change(b, t, key)
-        test = _paired_p(completions, key)
-        lines.append(f"{label} ({better}){': ' + change if change else ''}{'  ' + test if test else ''}")
-        if base:
-            lines.append(f"  base     {_headline_stat(base['eval_json'], key)}")
-        lines.append(f"  trained  {_headline_stat(trained['eval_json'], key)}")
-    stages = ", ".join(f"{k} {'skipped' if v is None else f'{v:.0f}s'}" for k, v in timings.items())
-    lines += [rule, f"stages: {stages}", f"report: {path}", rule]
-    return "\n".join(lines)
+    if "evaluate" in report:
+        ev = report["evaluate"]
+        base, trained = ev.get("base"), ev["trained"]
+        completions = _both_completions(base, trained)
+        for key, label, better in HEADLINE:
+            b = base["summary"].get(key) if base else None
+            t = trained["summary"].get(key)
+            if b is None and t is None:
+                continue
+            change = _change(b, t, key)
+            test = _paired_p(completions, key)
+            lines.append(f"{label} ({better}){': ' + change if change else ''}{'  ' + test if test else ''}")
+            if base:
+                lines.append(f"  base     {_headline_stat(base['eval_json'], key)}")
+            lines.append(f"  trained  {_headline_stat(trained['eval_json'], key)}")
+        lines.append(rule)
+    statuses = {name: "skipped, unchanged" if took is None else f"{took:.0f} s" for name, took in timings.items()}
+    name_width = max(map(len, statuses), default=0)
+    status_width = max(map(len, statuses.values()), default=0)
+    for name, status in statuses.items():
+        result = _stage_result(name, report.get(name, {}))
+        lines.append(f"{name:<{name_width}}  {status:>{status_width}}  {result}".rstrip())
+    lines += [rule, f"outputs: {cfg.run.dir}"]
+    if path is not None:
+        lines.append(f"report: {path}")
+    if logs is not None:
+        lines.append(f"logs: {logs} (all Ray workers' output, Ray Data and Ray Train logs)")
+    return "\n".join([*lines, rule])

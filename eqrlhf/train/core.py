@@ -242,7 +242,7 @@ def _progress(rank: int, total: int, start: int):
         return None
     from ray.experimental.tqdm_ray import tqdm
 
-    bar = tqdm(total=total, desc="train")
+    bar = tqdm(total=total, desc="train", unit="step")  # drawn by the driver, with its ETA
     bar.update(start)
     return bar
 

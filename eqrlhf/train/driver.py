@@ -60,7 +60,13 @@ def resume_checkpoint(cfg: Config, out: Path) -> Path | None:
 
 def worker_env() -> dict:
     # cache locations, offline switches and test hooks must reach the worker processes
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    # Ray Train replaces print() in its workers with a call to its logger, which writes the line to the worker's
+    # output, and also prints it there itself when sys.stdout is not the original stream: each line reached
+    # the driver twice, the progress bar's states included (a closed bar drawn again). Unpatched, print()
+    # writes once to the worker's output, which Ray keeps in logs/worker-*.out and streams to the driver.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    return env
 
 
 def scaling_config(train):
