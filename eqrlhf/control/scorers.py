@@ -35,7 +35,9 @@ def check_scorers(cfg: Config) -> dict[str, str]:
     if "harmless" in c.levels and c.harmless_scorer == "refusal_embedding":
         # the head is fitted on first use from the calibration files: fail now, not after sampling, when neither
         # exists (e.g. ../shared/data absent)
-        head, pattern = cfg.resolve_path(cfg.eval.refusal_head), cfg.resolve_path(cfg.eval.calibration_files)
+        from eqrlhf.evaluate.judges import refusal_head_file
+
+        head, pattern = refusal_head_file(cfg), cfg.resolve_path(cfg.eval.calibration_files)
         if not head.is_file() and not any(pattern.parent.glob(pattern.name)):
             raise ConfigError(
                 f"control.harmless_scorer=refusal_embedding: no fitted head at {head} (eval.refusal_head) and no "

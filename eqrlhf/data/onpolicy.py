@@ -136,6 +136,8 @@ def print_judged(manifest: dict) -> None:
     refusal = judges.get("refusal") or {}
     acc = refusal.get("accuracy")
     shown = "not validated" if acc is None else f"accuracy {acc:.3f} on n={refusal.get('n')} held-out human labels"
+    if acc is not None and refusal.get("offline"):
+        shown += f" (measured offline {refusal['offline']['measured']}, {refusal['offline']['file']})"
     print(f"  refusal judge ({judges.get('refusal_judge')}): {shown}")
     for category, c in sorted(info.get("judged", {}).items()):
         print(f"  {category}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))

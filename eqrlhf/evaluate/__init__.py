@@ -20,7 +20,7 @@ from pathlib import Path
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.errors import InputNotFound, tried
 
-__all__ = ["evaluate_model", "model_tag", "run_evaluate"]
+__all__ = ["evaluate_model", "judges_record", "model_tag", "run_evaluate"]
 
 
 def model_tag(model: str) -> str:
@@ -42,7 +42,7 @@ def _scalar_head(key: str, value: str) -> str:
 def check_evaluation(cfg: Config, model_path: str) -> dict:
     """Fail on a bad config before any model is loaded or Ray started; return model paths and suite plans."""
     from eqrlhf.data.categorizers import validate_categorizer
-    from eqrlhf.evaluate.judges import calibration_found
+    from eqrlhf.evaluate.judges import calibration_found, refusal_head_file
     from eqrlhf.evaluate.suites import validate_suites
     from eqrlhf.models.loading import resolve_model
     from eqrlhf.rollout import check_engine
@@ -64,7 +64,7 @@ def check_evaluation(cfg: Config, model_path: str) -> dict:
     # a judge that is fitted, or is a model, is validated on human labels before use; the rule baseline
     # may run without them (and says so in the report)
     missing = calibration_found(cfg)
-    head = cfg.resolve_path(ev.refusal_head)
+    head = refusal_head_file(cfg)  # the committed head unless eval.refusal_head names another
     if ev.refusal_judge == "embedding" and not head.is_file():
         for problem in filter(None, missing.values()):
             raise InputNotFound(
@@ -109,7 +109,7 @@ def evaluate_model(cfg: Config, model_path: str | None = None, tag: str | None =
     from eqrlhf.evaluate.helpfulness import helpfulness_numbers
     from eqrlhf.evaluate.judges import Judges, refusal_judge_for, score_completions
     from eqrlhf.evaluate.leakage import LeakageCheck, fail_on_leaks
-    from eqrlhf.evaluate.metrics import rate, summarize
+    from eqrlhf.evaluate.metrics import summarize
     from eqrlhf.evaluate.report import summary_line, write_outputs
     from eqrlhf.evaluate.suites import load_suites
     from eqrlhf.rollout import Sampling
@@ -137,18 +137,7 @@ def evaluate_model(cfg: Config, model_path: str | None = None, tag: str | None =
         scored = score_completions(rows, completions, Judges(refusal_judge, harm))
     helpfulness = helpfulness_numbers(cfg, paths, scored, rows)
 
-    judges = {
-        "refusal": {
-            "used": refusal_judge.name,
-            "validation": validation["refusal"],  # None: no calibration files (rule judge only)
-            "compared": validation["compared"],  # other judges on the same held-out rows
-            "missing": validation["missing"],
-            # the human labels come from larger models' replies; low agreement with the rule baseline on
-            # this model's replies is a warning that its outputs look unlike the calibration data
-            "agreement_with_rule": rate(sum(r["refused"] == r["refused_rule"] for r in scored), len(scored)),
-        },
-        "harm": harm_info,
-    }
+    judges = judges_record(refusal_judge.name, validation, harm_info, scored)
     doc = eval_document(cfg, tag, model_path, paths, suites, summarize(scored), helpfulness, judges)
     doc["training_overlap"] = leakage.summary(suites, leaked, ev.leakage)
     doc["sampling"] = dataclasses.asdict(sampling)
@@ -157,6 +146,25 @@ def evaluate_model(cfg: Config, model_path: str | None = None, tag: str | None =
     write_outputs(cfg, doc, scored, out_dir)
     print(summary_line(doc, out_dir))
     return doc
+
+
+def judges_record(used: str, validation: dict, harm_info: dict, scored: list[dict]) -> dict:
+    """eval.json's ``judges``: which judges were used and their numbers on human labels (marked ``offline`` where
+    they are the committed measurement because no human-labelled rows are here; None: not validated at all)."""
+    from eqrlhf.evaluate.metrics import rate
+
+    return {
+        "refusal": {
+            "used": used,
+            "validation": validation["refusal"],
+            "compared": validation["compared"],  # other judges on the same held-out rows
+            "missing": validation["missing"],
+            # the human labels come from larger models' replies; low agreement with the rule baseline on
+            # this model's replies is a warning that its outputs look unlike the calibration data
+            "agreement_with_rule": rate(sum(r["refused"] == r["refused_rule"] for r in scored), len(scored)),
+        },
+        "harm": harm_info,
+    }
 
 
 def training_dirs(cfg: Config) -> list[Path]:

@@ -8,9 +8,14 @@ The embedding judge is a logistic-regression head over the L2-normalised sentenc
 completion's opening plus the rule judge's verdict, fitted on the human-labelled XSTest completions of
 five models. The split is by prompt id: a held-out prompt's completions from every model are in the test
 set and none of them in training, so the test measures generalisation to new requests, not to a new
-wording of a seen one (the rule phrases, too, were chosen from errors on training prompts only). The head is stored as JSON (no
-pickles) together with the validation numbers of both refusal judges and of the refusal-based harm judge
-on the human-labelled JailbreakBench responses, so every evaluation can print them.
+wording of a seen one (the rule phrases, too, were chosen from errors on training prompts only).
+
+With ``eval.refusal_head`` at its default, the head committed with the package is used
+(``eqrlhf/evaluate/committed_judges.py``: safetensors, fitted by ``benchmarks/judge_accuracy.py``, with its measured
+accuracies); it is validated at run time where the calibration files exist, and reports its committed, offline
+numbers where they do not (the rule judge too). A head at any other path is fitted on first use and stored as JSON
+(no pickles) together with the validation numbers of both refusal judges and of the refusal-based harm judge on the
+human-labelled JailbreakBench responses, so every evaluation can print them.
 """
 
 from __future__ import annotations
@@ -287,15 +292,22 @@ def fit_refusal_head(x: np.ndarray, y: list[bool], groups: list[str], seed: int)
     return np.asarray(model.coef_[0], dtype=np.float32), float(model.intercept_[0]), selection
 
 
-def train_refusal_judge(cfg: Config) -> dict:
-    """Fit the embedding refusal head, validate it and the rule judge on held-out prompts, save JSON."""
+def calibration_split(rows: list[dict], seed: int, fraction: float) -> tuple[list, list, set]:
+    """(train, test, held-out prompt ids): a seeded ``fraction`` of the prompt ids is held out for every model."""
+    test_ids = held_out_prompts([r["prompt_id"] for r in rows], fraction, seed)
+    train = [r for r in rows if r["prompt_id"] not in test_ids]
+    test = [r for r in rows if r["prompt_id"] in test_ids]
+    return train, test, test_ids
+
+
+def fit_and_validate(cfg: Config) -> tuple[RefusalHead, dict]:
+    """Fit the embedding refusal head on the training prompts' rows and validate both refusal judges and the
+    refusal-based harm judge on held-out human labels (no file written)."""
     from eqrlhf.data.categorizers.embedding import load_encoder
 
     ev, started = cfg.eval, time.time()
     rows = load_refusal_calibration(cfg)
-    test_ids = held_out_prompts([r["prompt_id"] for r in rows], ev.calibration_test_fraction, cfg.run.seed)
-    train = [r for r in rows if r["prompt_id"] not in test_ids]
-    test = [r for r in rows if r["prompt_id"] in test_ids]
+    train, test, test_ids = calibration_split(rows, cfg.run.seed, ev.calibration_test_fraction)
     if ev.calibration_limit is not None:  # a seeded slice of the training rows (smoke tests)
         train = sorted(train, key=lambda r: sample_key(cfg.run.seed, f"{r['model']}/{r['prompt_id']}"))
         train = train[: ev.calibration_limit]
@@ -331,23 +343,51 @@ def train_refusal_judge(cfg: Config) -> dict:
         },
         "seconds": round(time.time() - started, 1),
     }
-    path = cfg.resolve_path(ev.refusal_head)
+    return head, report
+
+
+def train_refusal_judge(cfg: Config) -> dict:
+    """Fit the embedding refusal head, validate it and the rule judge on held-out prompts, save JSON."""
+    head, report = fit_and_validate(cfg)
+    path = cfg.resolve_path(cfg.eval.refusal_head)
     save_refusal_head(head, path, report)
-    v = report["validation"]["refusal"]
+    v, split = report["validation"]["refusal"], report["split"]
     print(
-        f"refusal judge: {len(train)} train / {len(test)} held-out rows; embedding acc {v['embedding']['accuracy']:.3f} "
-        f"F1 {v['embedding']['f1']:.3f}; rule acc {v['rule']['accuracy']:.3f} F1 {v['rule']['f1']:.3f}; "
-        f"head -> {path} ({report['seconds']} s)"
+        f"refusal judge: {split['train_rows']} train / {split['test_rows']} held-out rows; embedding acc "
+        f"{v['embedding']['accuracy']:.3f} F1 {v['embedding']['f1']:.3f}; rule acc {v['rule']['accuracy']:.3f} "
+        f"F1 {v['rule']['f1']:.3f}; head -> {path} ({report['seconds']} s)"
     )
     return {**report, "head": str(path)}
 
 
+def head_configured(cfg: Config) -> bool:
+    """``eval.refusal_head`` set to anything but its default: that head is used (fitted on first use when missing).
+    At the default, the head committed with the package is used (eqrlhf/evaluate/committed_judges.py)."""
+    from eqrlhf.config.evaluation import EvalSection
+    from eqrlhf.evaluate.committed_judges import COMMITTED_HEAD
+
+    return cfg.eval.refusal_head != EvalSection.model_fields["refusal_head"].default or not COMMITTED_HEAD.is_file()
+
+
+def refusal_head_file(cfg: Config) -> Path:
+    """The head file the embedding judge reads: the configured one, else the committed one."""
+    from eqrlhf.evaluate.committed_judges import COMMITTED_HEAD
+
+    return cfg.resolve_path(cfg.eval.refusal_head) if head_configured(cfg) else COMMITTED_HEAD
+
+
 def refusal_judge_for(cfg: Config) -> tuple[object, dict]:
-    """The configured refusal judge and its validation numbers (fits the head on first use)."""
+    """The configured refusal judge and its validation numbers: measured at run time on the human labels where
+    they are, else the committed offline measurement (marked ``offline``) of the rule judge and the committed head.
+    A configured head is fitted on first use and carries its own numbers."""
+    from eqrlhf.evaluate.committed_judges import COMMITTED_HEAD, committed_head_judge, offline_validation
+
     ev = cfg.eval
     if ev.refusal_judge == "rule":
-        return RuleRefusalJudge(), validate_rule_judge(cfg)
+        return RuleRefusalJudge(), offline_validation("rule", validate_rule_judge(cfg), calibration_found(cfg))
     path = cfg.resolve_path(ev.refusal_head)
+    if not head_configured(cfg) or path.resolve() == COMMITTED_HEAD.resolve():  # named explicitly: the same
+        return committed_head_judge(cfg)
     if not path.is_file():
         print(f"evaluate: no refusal head at {path}; fitting one on {ev.calibration_files}")
         train_refusal_judge(cfg)

@@ -206,11 +206,17 @@ def fmt_mean(stat: dict | None, digits: int = 3) -> str:
 
 
 def fmt_judge(v: dict | None) -> str:
-    """Accuracy with its interval and F1; a judge without calibration data is said to be unvalidated."""
+    """Accuracy with its interval and F1; a judge without calibration data is said to be unvalidated, and a
+    committed measurement (no human-labelled rows here) says it was measured offline, with its file and date."""
     if not v or v.get("accuracy") is None:
         return "NOT VALIDATED (no human-labelled rows)"
     lo, hi = v["accuracy_ci95"]
-    return f"accuracy {v['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], F1 {v['f1']:.3f} (n={v['n']})"
+    where = f"; {fmt_offline(v['offline'])}" if v.get("offline") else ""
+    return f"accuracy {v['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], F1 {v['f1']:.3f} (n={v['n']}{where})"
+
+
+def fmt_offline(note: dict) -> str:
+    return f"measured offline {note['measured']}, {note['file']}"
 
 
 def _suite_rows(metrics: dict, suites: dict, helpful: dict) -> str:
@@ -265,6 +271,13 @@ def _judge_lines(j: dict) -> str:
         + (f" Unparsed answers: {unparsed} of {hm['validation']['asked']}." if unparsed is not None else ""),
     ]
     lines += [f"- missing calibration data: {m}" for m in r.get("missing", [])]
+    note = next((v["offline"] for v in (r["validation"], hm["validation"]) if v and v.get("offline")), None)
+    if note:
+        lines.append(
+            f"- no human-labelled rows here: the numbers marked offline were measured on {note['measured']} "
+            f"({note['split']}), recorded in `{note['file']}` with the data's provenance and licences; "
+            "set EQRLHF_DATA to validate the judges at run time."
+        )
     return "\n".join(lines)
 
 
