@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from eqrlhf.config import from_dict
 from eqrlhf.evaluate import harm_judge, judges_record
@@ -154,6 +155,7 @@ def test_committed_head_is_validated_at_run_time_with_the_shared_data_on_cpu(sha
     assert refusal_judge_for(cfg)[1] == validation
 
 
+@pytest.mark.slow  # re-embeds the 2,350 labelled rows: about 2 minutes on 2 cores
 def test_fitting_script_reproduces_the_committed_files_on_cpu(shared_data, tmp_path):
     """benchmarks/judge_accuracy.py on the shared data writes the committed JSON again (same date given) and the
     same head (minutes on a loaded 2-core machine: it embeds the 2,350 labelled rows)."""
