@@ -54,7 +54,7 @@ class Stage:
 # a generation engine (eqrlhf.rollout.make_engine / EnginePool): vLLM engines also read `rollout`
 ENGINE_KEYS = ("generation.engine", "generation.device", "generation.batch_size", "model.dtype")
 ENGINE_KEYS += ("model.trust_remote_code", "model.gguf_file", "run.seed")
-# the refusal judge (eqrlhf.evaluate.judges.refusal_judge_for), fitted from the calibration files when missing
+# the refusal judge (eqrlhf.evaluate.committed_judges.refusal_judge_for), fitted from the calibration files when missing
 JUDGE_KEYS = tuple(
     f"eval.{k}"
     for k in (
@@ -88,8 +88,7 @@ def _local(cfg: Config, *paths: str | None) -> list[Path]:
 
 
 def _judge_files(cfg: Config) -> list[Path]:
-    from eqrlhf.evaluate.committed_judges import COMMITTED_ACCURACY, COMMITTED_HEAD
-    from eqrlhf.evaluate.judges import head_configured
+    from eqrlhf.evaluate.committed_judges import COMMITTED_ACCURACY, COMMITTED_HEAD, head_configured
 
     files = _local(cfg, cfg.eval.calibration_files, cfg.eval.harm_validation_file)
     if cfg.eval.refusal_judge == "embedding" and not head_configured(cfg):  # the committed head and its accuracy

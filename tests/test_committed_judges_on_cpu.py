@@ -21,13 +21,10 @@ from eqrlhf.evaluate.committed_judges import (
     committed_accuracy,
     file_sha256,
     load_head_safetensors,
-)
-from eqrlhf.evaluate.judges import (
-    EmbeddingRefusalJudge,
-    RuleRefusalJudge,
     refusal_head_file,
     refusal_judge_for,
 )
+from eqrlhf.evaluate.judges import EmbeddingRefusalJudge, RuleRefusalJudge
 from eqrlhf.evaluate.report import _judge_lines, summary_line
 
 REPO = Path(__file__).resolve().parents[1]

@@ -35,7 +35,7 @@ def check_scorers(cfg: Config) -> dict[str, str]:
     if "harmless" in c.levels and c.harmless_scorer == "refusal_embedding":
         # the head is fitted on first use from the calibration files: fail now, not after sampling, when neither
         # exists (e.g. ../shared/data absent)
-        from eqrlhf.evaluate.judges import refusal_head_file
+        from eqrlhf.evaluate.committed_judges import refusal_head_file
 
         head, pattern = refusal_head_file(cfg), cfg.resolve_path(cfg.eval.calibration_files)
         if not head.is_file() and not any(pattern.parent.glob(pattern.name)):
@@ -84,7 +84,8 @@ class Scorers:
 
     def _refused(self, rows: list[dict], completions: list[str]) -> list[bool]:
         if self._judge is None:
-            from eqrlhf.evaluate.judges import RuleRefusalJudge, refusal_judge_for
+            from eqrlhf.evaluate.committed_judges import refusal_judge_for
+            from eqrlhf.evaluate.judges import RuleRefusalJudge
 
             if self.cfg.control.harmless_scorer == "refusal_rule":
                 self._judge = RuleRefusalJudge()

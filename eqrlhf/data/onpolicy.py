@@ -148,7 +148,7 @@ def print_judged(manifest: dict) -> None:
 
 def judge_validation(cfg) -> dict:
     """The refusal judge's accuracy on held-out human labels (fits the embedding head on first use)."""
-    from eqrlhf.evaluate.judges import refusal_judge_for
+    from eqrlhf.evaluate.committed_judges import refusal_judge_for
 
     _, validation = refusal_judge_for(cfg)
     return {"refusal_judge": cfg.eval.refusal_judge, "refusal": validation.get("refusal")}

@@ -230,7 +230,7 @@ class JudgedPairBuilder:
     """Ray Data callable class for the judged path: one engine and one refusal judge per actor."""
 
     def __init__(self, cfg):
-        from eqrlhf.evaluate.judges import refusal_judge_for
+        from eqrlhf.evaluate.committed_judges import refusal_judge_for
         from eqrlhf.rollout import make_engine
 
         self.pairs = cfg.pairs

@@ -42,7 +42,8 @@ def _scalar_head(key: str, value: str) -> str:
 def check_evaluation(cfg: Config, model_path: str) -> dict:
     """Fail on a bad config before any model is loaded or Ray started; return model paths and suite plans."""
     from eqrlhf.data.categorizers import validate_categorizer
-    from eqrlhf.evaluate.judges import calibration_found, refusal_head_file
+    from eqrlhf.evaluate.committed_judges import refusal_head_file
+    from eqrlhf.evaluate.judges import calibration_found
     from eqrlhf.evaluate.suites import validate_suites
     from eqrlhf.models.loading import resolve_model
     from eqrlhf.rollout import check_engine
@@ -105,9 +106,10 @@ def evaluate_model(cfg: Config, model_path: str | None = None, tag: str | None =
       log-likelihoods, reward; ``judges``: which judges were used and their validation numbers;
       ``suites``: sources and read/skip/error counts; ``sampling``, ``engine``, ``seconds``, ``out_dir``.
     """
+    from eqrlhf.evaluate.committed_judges import refusal_judge_for
     from eqrlhf.evaluate.generation import generate
     from eqrlhf.evaluate.helpfulness import helpfulness_numbers
-    from eqrlhf.evaluate.judges import Judges, refusal_judge_for, score_completions
+    from eqrlhf.evaluate.judges import Judges, score_completions
     from eqrlhf.evaluate.leakage import LeakageCheck, fail_on_leaks
     from eqrlhf.evaluate.metrics import summarize
     from eqrlhf.evaluate.report import summary_line, write_outputs

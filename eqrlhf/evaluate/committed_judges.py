@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from eqrlhf.config import Config, ConfigError
+from eqrlhf.config.evaluation import EvalSection
 from eqrlhf.errors import InputError, InputNotFound, tried
 from eqrlhf.evaluate.judges import (
     OPENING_CHARS,
@@ -43,8 +44,11 @@ from eqrlhf.evaluate.judges import (
     harm_validation,
     load_harm_calibration,
     load_refusal_calibration,
+    load_refusal_head,
     majority_validation,
     refusal_validation,
+    train_refusal_judge,
+    validate_rule_judge,
 )
 
 COMMITTED_DIR = Path(__file__).with_name("judge_files")
@@ -308,8 +312,6 @@ _REMEMBERED: dict[str, dict] = {}  # in-process: the pipeline evaluates two mode
 def _cached_validation(cfg: Config, judge: EmbeddingRefusalJudge, key: str, seed: int, fraction: float) -> dict:
     if key in _REMEMBERED:
         return _REMEMBERED[key]
-    from eqrlhf.config.evaluation import EvalSection
-
     cache = cfg.resolve_path(EvalSection.model_fields["refusal_head"].default).parent / "committed_head_validation.json"
     if cache.is_file():
         stored = json.loads(cache.read_text())
@@ -333,3 +335,45 @@ def _cached_validation(cfg: Config, judge: EmbeddingRefusalJudge, key: str, seed
     tmp.replace(cache)  # actors of one stage may validate at once: a reader never sees half a file
     _REMEMBERED[key] = out
     return out
+
+
+# -- which refusal judge a config gets (the committed head unless another is named) -----------------------
+
+
+def head_configured(cfg: Config) -> bool:
+    """``eval.refusal_head`` set to anything but its default: that head is used (fitted on first use when missing).
+    At the default, the head committed with the package is used (eqrlhf/evaluate/committed_judges.py)."""
+    return cfg.eval.refusal_head != EvalSection.model_fields["refusal_head"].default or not COMMITTED_HEAD.is_file()
+
+
+def refusal_head_file(cfg: Config) -> Path:
+    """The head file the embedding judge reads: the configured one, else the committed one."""
+    return cfg.resolve_path(cfg.eval.refusal_head) if head_configured(cfg) else COMMITTED_HEAD
+
+
+def refusal_judge_for(cfg: Config) -> tuple[object, dict]:
+    """The configured refusal judge and its validation numbers: measured at run time on the human labels where
+    they are, else the committed offline measurement (marked ``offline``) of the rule judge and the committed head.
+    A configured head is fitted on first use and carries its own numbers."""
+    ev = cfg.eval
+    if ev.refusal_judge == "rule":
+        return RuleRefusalJudge(), offline_validation("rule", validate_rule_judge(cfg), calibration_found(cfg))
+    path = cfg.resolve_path(ev.refusal_head)
+    if not head_configured(cfg) or path.resolve() == COMMITTED_HEAD.resolve():  # named explicitly: the same
+        return committed_head_judge(cfg)
+    if not path.is_file():
+        print(f"evaluate: no refusal head at {path}; fitting one on {ev.calibration_files}")
+        train_refusal_judge(cfg)
+    head, doc = load_refusal_head(path)
+    if (head.embedding_model, head.input) != (ev.embedding_model, ev.refusal_input):
+        raise ConfigError(
+            f"eval.refusal_head {path} was fitted on '{head.embedding_model}' embeddings of the {head.input}, "
+            f"but eval.embedding_model is '{ev.embedding_model}' and eval.refusal_input '{ev.refusal_input}'"
+        )
+    v = doc["validation"]
+    compared = {"rule": v["refusal"]["rule"], "majority": v["refusal"]["majority"]}
+    return EmbeddingRefusalJudge(head), {**_used(v, "embedding"), "compared": compared, "missing": []}
+
+
+def _used(validation: dict, name: str) -> dict:
+    return {"refusal": validation["refusal"][name], "harm": validation["harm"][name]}

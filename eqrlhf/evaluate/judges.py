@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from eqrlhf.atomic import write_json
-from eqrlhf.config import Config, ConfigError, SourceSection
+from eqrlhf.config import Config, SourceSection
 from eqrlhf.data.mix import sample_key
 from eqrlhf.data.readers import format_error
 from eqrlhf.data.schema import Limits
@@ -355,52 +355,6 @@ def train_refusal_judge(cfg: Config) -> dict:
         f"F1 {v['rule']['f1']:.3f}; head -> {path} ({report['seconds']} s)"
     )
     return {**report, "head": str(path)}
-
-
-def head_configured(cfg: Config) -> bool:
-    """``eval.refusal_head`` set to anything but its default: that head is used (fitted on first use when missing).
-    At the default, the head committed with the package is used (eqrlhf/evaluate/committed_judges.py)."""
-    from eqrlhf.config.evaluation import EvalSection
-    from eqrlhf.evaluate.committed_judges import COMMITTED_HEAD
-
-    return cfg.eval.refusal_head != EvalSection.model_fields["refusal_head"].default or not COMMITTED_HEAD.is_file()
-
-
-def refusal_head_file(cfg: Config) -> Path:
-    """The head file the embedding judge reads: the configured one, else the committed one."""
-    from eqrlhf.evaluate.committed_judges import COMMITTED_HEAD
-
-    return cfg.resolve_path(cfg.eval.refusal_head) if head_configured(cfg) else COMMITTED_HEAD
-
-
-def refusal_judge_for(cfg: Config) -> tuple[object, dict]:
-    """The configured refusal judge and its validation numbers: measured at run time on the human labels where
-    they are, else the committed offline measurement (marked ``offline``) of the rule judge and the committed head.
-    A configured head is fitted on first use and carries its own numbers."""
-    from eqrlhf.evaluate.committed_judges import COMMITTED_HEAD, committed_head_judge, offline_validation
-
-    ev = cfg.eval
-    if ev.refusal_judge == "rule":
-        return RuleRefusalJudge(), offline_validation("rule", validate_rule_judge(cfg), calibration_found(cfg))
-    path = cfg.resolve_path(ev.refusal_head)
-    if not head_configured(cfg) or path.resolve() == COMMITTED_HEAD.resolve():  # named explicitly: the same
-        return committed_head_judge(cfg)
-    if not path.is_file():
-        print(f"evaluate: no refusal head at {path}; fitting one on {ev.calibration_files}")
-        train_refusal_judge(cfg)
-    head, doc = load_refusal_head(path)
-    if (head.embedding_model, head.input) != (ev.embedding_model, ev.refusal_input):
-        raise ConfigError(
-            f"eval.refusal_head {path} was fitted on '{head.embedding_model}' embeddings of the {head.input}, "
-            f"but eval.embedding_model is '{ev.embedding_model}' and eval.refusal_input '{ev.refusal_input}'"
-        )
-    v = doc["validation"]
-    compared = {"rule": v["refusal"]["rule"], "majority": v["refusal"]["majority"]}
-    return EmbeddingRefusalJudge(head), {**_used(v, "embedding"), "compared": compared, "missing": []}
-
-
-def _used(validation: dict, name: str) -> dict:
-    return {"refusal": validation["refusal"][name], "harm": validation["harm"][name]}
 
 
 # -- scoring completions -----------------------------------------------------------------------------------
