@@ -41,6 +41,11 @@ HARMLESS_WORKER_LINES = [
     # transformers' progress bars for loading and saving a checkpoint, one per worker and load: each arrives
     # as a line of its own, so they stack up instead of moving; the stage's own bar shows its progress
     re.compile(r"^\s*(Loading weights|Loading checkpoint shards|Writing model shards): "),
+    # torch 2.13 deprecates all_gather_into_tensor, which DeepSpeed's ZeRO still calls: Python prints the warning
+    # and then the source line of torch's deprecation wrapper, once per training worker, often after the
+    # pipeline's summary (the worker flushes late). Only DeepSpeed can change it.
+    re.compile(r"FutureWarning: `torch\.distributed\.all_gather_into_tensor` is deprecated"),
+    re.compile(r"^\s*return func\(\*args, \*\*kwargs\)$"),
     # Ray Data run inside a worker (the driver-side lines are in HARMLESS_DRIVER_RECORDS): see there
     re.compile(r"INFO streaming_executor\.py:\d+ -- (Starting execution of|Execution plan of|✔️  Dataset)"),
 ]

@@ -84,9 +84,17 @@ def test_what_the_terminal_leaves_out_and_verbose():
         "Loading weights:   0%|          | 0/21 [00:00<?, ?it/s]\rLoading weights: 100%|##| 21/21",
         "[2026-12-05 22:50:47,177 E 5315 5355] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and "
         "ID: 'e1e5' has constructor arguments in the object store and max_restarts > 0.",
+        "/x/torch/distributed/c10d_logger.py:83: FutureWarning: `torch.distributed.all_gather_into_tensor` is "
+        "deprecated. Please use `torch.distributed.all_gather_single` instead.",
+        "  return func(*args, **kwargs)",
         "",
     ]
-    kept = ["Traceback (most recent call last):", "RuntimeError: CUDA out of memory", "loss went NaN at step 3"]
+    kept = [
+        "Traceback (most recent call last):",
+        "RuntimeError: CUDA out of memory",
+        "loss went NaN at step 3",
+        "/x/y.py:3: FutureWarning: `foo` is deprecated",
+    ]
     for line in harmless:
         assert not keep_worker_line(line, HARMLESS_WORKER_LINES) and keep_worker_line(line, []), line
     for line in kept:
