@@ -77,7 +77,8 @@ class EngineActor:
         import psutil
 
         children = [child.pid for child in psutil.Process().children(recursive=True)]  # vLLM's engine processes
-        return {**self.engine.health(), "pid": os.getpid(), "child_pids": children}
+        node = ray.get_runtime_context().get_node_id()  # which node it really runs on (multi-node tests check it)
+        return {**self.engine.health(), "pid": os.getpid(), "child_pids": children, "node_id": node}
 
 
 RemoteEngine = ray.remote(EngineActor)

@@ -2,7 +2,8 @@
 
 The engines (``generation.engine``: ``vllm`` or ``hf``) live in a placement group of their
 own, one bundle per engine (``rollout.cpus_per_engine`` CPUs, ``rollout.gpus_per_engine``
-GPUs, fractions allowed), so rollout capacity is sized apart from the trainer's workers.
+GPUs, fractions allowed, and the node labels ``rollout.resources_per_engine``), so rollout
+capacity is sized and placed apart from the trainer's workers.
 
 * ``generate`` cuts the prompts into one contiguous chunk per engine and puts the
   answers back in prompt order. An engine whose actor dies is restarted in its bundle,
@@ -119,7 +120,11 @@ class EnginePool:
         self._shapes = expected_shapes(self.model_path) if local else None
         init_ray()
         self._check_cluster_fits()
-        bundle = {"CPU": r.cpus_per_engine, **({"GPU": r.gpus_per_engine} if r.gpus_per_engine else {})}
+        bundle = {
+            "CPU": r.cpus_per_engine,
+            **({"GPU": r.gpus_per_engine} if r.gpus_per_engine else {}),
+            **r.resources_per_engine,  # node labels: the engines go only to the nodes that carry them
+        }
         self._pg = placement_group([dict(bundle) for _ in range(r.num_engines)], strategy="PACK")
         try:
             ray.get(self._pg.ready(), timeout=r.sync_timeout_s)
@@ -129,6 +134,7 @@ class EnginePool:
                 f"no room for {r.num_engines} engine(s) of {bundle} within rollout.sync_timeout_s="
                 f"{r.sync_timeout_s} s (cluster has {ray.available_resources()})"
             ) from None
+        self.node_ids = self._bundle_nodes()  # where each engine runs, for logs, manifests and node-loss tests
         self._slots = self._node_slots()
         self._weight_refs: list = []  # buckets of the latest complete update (object refs or host copies)
         self._group = None  # sync_method=broadcast: (store, process group) of this process and the engines
@@ -144,17 +150,23 @@ class EnginePool:
     def _check_cluster_fits(self) -> None:
         r = self.cfg.rollout
         total = ray.cluster_resources()
-        for key, need in (("CPU", r.cpus_per_engine), ("GPU", r.gpus_per_engine)):
+        needs = [("CPU", r.cpus_per_engine, "cpus_per_engine"), ("GPU", r.gpus_per_engine, "gpus_per_engine")]
+        needs += [(name, amount, "resources_per_engine") for name, amount in r.resources_per_engine.items()]
+        for key, need, setting in needs:
             if need and need * r.num_engines > total.get(key, 0):
                 raise ConfigError(
                     f"rollout.num_engines={r.num_engines} x {need} {key} exceeds the cluster's "
-                    f"{total.get(key, 0)} {key} (rollout.{'cpus' if key == 'CPU' else 'gpus'}_per_engine)"
+                    f"{total.get(key, 0)} {key} (rollout.{setting})"
                 )
+
+    def _bundle_nodes(self) -> list[str]:
+        """The node id of each engine's bundle, in engine order."""
+        nodes = placement_group_table(self._pg)["bundles_to_node_id"]
+        return [nodes[i] for i in range(len(nodes))]
 
     def _node_slots(self) -> list[tuple[int, int]]:
         """(position among the engines on its node, engines on that node) per engine, for CPU core splitting."""
-        nodes = placement_group_table(self._pg)["bundles_to_node_id"]
-        order = [nodes[i] for i in range(len(nodes))]
+        order = self.node_ids
         return [(order[:i].count(node), order.count(node)) for i, node in enumerate(order)]
 
     def _launch(self, index: int):
@@ -162,6 +174,7 @@ class EnginePool:
         return RemoteEngine.options(
             num_cpus=self.cfg.rollout.cpus_per_engine,
             num_gpus=self.cfg.rollout.gpus_per_engine,
+            resources=dict(self.cfg.rollout.resources_per_engine),
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
             max_restarts=0,
         ).remote(self.cfg, self.model_path, slot, slots)
