@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -173,6 +174,7 @@ def main() -> None:
         categorize = measure_categorize(args, args.workdir)
     finally:
         stop_leftovers(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     result = {"rollout": rollout, "categorize": categorize, "node_cpus": NODE_CPUS, "cores": os.cpu_count()}
     result["load_avg_1m"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
