@@ -169,13 +169,20 @@ def add_node(cluster, labels: dict, cpus: int = 1, store: int = OBJECT_STORE_BYT
 PROMPTS = [[{"role": "user", "content": f"Question {i}: how do I open jar {i}?"}] for i in range(4)]
 
 
-def make_model(workdir: Path) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer and chat template (hidden 64, one head)."""
+def make_model(workdir: Path, seed: int = 0, peaked: bool = False) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (hidden 64, one head). ``peaked`` scales
+    its output head up, so greedy tokens do not depend on how prompts are batched."""
+    import torch
+
     from eqrlhf.models.loading import load_tokenizer, tiny_llama
 
-    path = workdir / "policy"
+    path = workdir / f"policy{seed}{'_peaked' if peaked else ''}"
     tokenizer = load_tokenizer("smollm2-135m")
-    tiny_llama(vocab_size=len(tokenizer), hidden=64, heads=1, seed=0).save_pretrained(path)
+    model = tiny_llama(vocab_size=len(tokenizer), hidden=64, heads=1, seed=seed)
+    if peaked:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(30.0)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -296,7 +303,87 @@ def scenario_placement(workdir: Path) -> dict:
         cluster.shutdown()
 
 
-SCENARIOS = {"placement": scenario_placement}
+def scenario_engine_node_loss(workdir: Path) -> dict:
+    """Two engines on two engine nodes; the node of engine 0 is removed while it serves its chunk: its prompts
+    go to engine 1 and every prompt is answered once, as the uninterrupted call answered it."""
+    import threading
+
+    import ray
+
+    from eqrlhf.config import from_dict
+    from eqrlhf.models.loading import load_causal_lm
+    from eqrlhf.rollout.base import Sampling
+    from eqrlhf.rollout.engine_actor import MARKERS_ENV
+    from eqrlhf.rollout.pool import EnginePool
+
+    markers = workdir / "markers"
+    markers.mkdir()
+    os.environ[MARKERS_ENV] = str(markers)  # before the nodes start: their workers inherit it
+    model = make_model(workdir, peaked=True)
+    layout = {"head": {}, "engine0": {"engine_node": 1}, "engine1": {"engine_node": 1}}
+    cluster, nodes, roles = start_cluster(layout)
+    try:
+        cfg = from_dict(
+            {
+                "model": {"name_or_path": str(model)},
+                "generation": {"engine": "hf", "batch_size": 4, "device": "cpu"},
+                "rollout": {"num_engines": 2, "resources_per_engine": {"engine_node": 1}, "sync_timeout_s": 120},
+            }
+        )
+        prompts = [[{"role": "user", "content": f"Prompt id {i}: how do I stop process {i}?"}] for i in range(16)]
+        sampling = Sampling(max_new_tokens=48)
+        with EnginePool(cfg) as pool:
+            engine_roles = [roles[node] for node in pool.node_ids]
+            expected = [c.token_ids for c in pool.generate(prompts, sampling)]
+            victim = pool.node_ids[0]
+            seen = set(markers.iterdir())
+            box = {}
+
+            def generate():
+                try:
+                    box["result"] = pool.generate(prompts, sampling)
+                except BaseException as err:  # reported by the scenario below
+                    box["error"] = repr(err)
+
+            thread = threading.Thread(target=generate)
+            thread.start()
+            deadline, hit = time.time() + 120, None
+            while hit is None and time.time() < deadline:
+                for path in set(markers.iterdir()) - seen:
+                    try:
+                        marker = json.loads(path.read_text())
+                    except json.JSONDecodeError:  # still being written: read again on the next round
+                        continue
+                    seen.add(path)
+                    hit = marker if marker["node_id"] == victim else hit
+                time.sleep(0.02)
+            assert hit is not None, "engine 0 never started its chunk"
+            removed_at = time.time()
+            cluster.remove_node(nodes[roles[victim]])  # raylet, object store and the engine's worker: gone
+            thread.join(timeout=300)
+            assert "result" in box, box.get("error", "generate did not return within 300 s")
+            completions = box["result"]
+            reissued, health = list(pool.reissued), pool.health()
+            # the survivor alone takes the next weight update and answers for both slots
+            model1 = load_causal_lm(str(make_model(workdir, peaked=True, seed=1)))
+            pool.update_weights(model1.state_dict().items())
+            gap_after_update = engine_gap(pool, model1)
+        return {
+            "engine_roles": engine_roles,
+            "removed": {"node_id": victim, "role": roles[victim], "at": removed_at},
+            "marker": hit,
+            "prompt_indices": [c.prompt_index for c in completions],
+            "same_tokens": [c.token_ids for c in completions] == expected,
+            "reissued": reissued,
+            "health": [{k: h[k] for k in ("slot", "node_id", "restarts")} for h in health],
+            "gap_after_update": gap_after_update,
+        }
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+SCENARIOS = {"placement": scenario_placement, "engine_node_loss": scenario_engine_node_loss}
 
 
 def main() -> None:
