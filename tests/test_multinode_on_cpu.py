@@ -44,8 +44,8 @@ def test_labels_the_cluster_lacks_fail_at_once_naming_the_key(ray_local, tmp_pat
         EnginePool(cfg)
 
 
-# Five raylets, a two-worker PPO iteration and an engine: 531 s on the shared 2-core machine under a load
-# average of ~14 (this test at nice 19); its idle time is not measured, so it stays out of CI's budget.
+# Five raylets, a two-worker PPO iteration and an engine: 192 s (load average ~7) to 531 s (~14) on the shared
+# 2-core machine, this test at nice 19; its idle time is not measured, so it stays out of CI's budget.
 @pytest.mark.slow
 def test_ppo_trainer_on_two_nodes_syncs_an_engine_on_a_third_on_cpu(tmp_path):
     result = run_scenario("placement", tmp_path, timeout_s=900)
