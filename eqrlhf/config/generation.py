@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat, field_validator
 
-from eqrlhf.config.base import Section
+from eqrlhf.config.base import Section, check_custom_resources
 
 
 class GenerationSection(Section):
@@ -31,6 +31,9 @@ class RolloutSection(Section):
     tensor_parallel_size: int = Field(1, ge=1)  # vLLM only
     gpus_per_engine: float = Field(0.0, ge=0)  # fractional shares one GPU between engines; 0 = CPU
     cpus_per_engine: float = Field(1.0, gt=0)  # logical Ray CPUs per engine actor
+    # custom Ray resources each engine's bundle also needs: pins the engines to the nodes started with them
+    # (e.g. {engine_node: 1}, with one engine_node per node to put every engine on a node of its own); {} = any
+    resources_per_engine: dict[str, PositiveFloat] = Field(default_factory=dict)
     max_model_len: int = Field(1024, ge=16)  # vLLM: prompt + completion tokens
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vLLM on GPU
     kv_cache_gb: float = Field(1, gt=0)  # vLLM on CPU: KV cache size (GiB)
@@ -42,3 +45,8 @@ class RolloutSection(Section):
     sync_method: Literal["object_store", "cuda_ipc", "broadcast"] = "object_store"
     sync_timeout_s: float = Field(300, gt=0)  # weight sync (and placement) fails after this instead of hanging
     max_retries: int = Field(2, ge=0)  # restarts of a dead engine per request before generate fails
+
+    @field_validator("resources_per_engine")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(resources)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveFloat, field_validator, model_validator
 
 from eqrlhf.algorithms.catalog import loss_info
-from eqrlhf.config.base import Section
+from eqrlhf.config.base import Section, check_custom_resources
 
 
 class ModelSection(Section):
@@ -67,6 +67,9 @@ class TrainSection(Section):
     # GPUs per worker when use_gpu; a fraction shares one GPU with rollout engines (rollout.sync_method=cuda_ipc)
     gpus_per_worker: float = Field(1.0, gt=0)
     cpus_per_worker: float = Field(1.0, gt=0)
+    # custom Ray resources each worker also needs: pins the workers to the nodes started with them (e.g.
+    # {trainer_node: 1} with `ray start --resources='{"trainer_node": 8}'` on the trainer nodes); {} = any node
+    resources_per_worker: dict[str, PositiveFloat] = Field(default_factory=dict)
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload: bool = False
     # bf16 weights and activations, fp32 master weights. At zero_stage 1 gradients also accumulate in fp32
@@ -101,6 +104,11 @@ class TrainSection(Section):
     share_prompt: bool = False
     max_failures: int = Field(0, ge=-1)  # Ray Train restarts after a worker failure; -1 = no limit
     log_every: int = Field(1, ge=1)
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        return check_custom_resources(resources)
 
     @model_validator(mode="after")
     def _one_precision(self) -> TrainSection:

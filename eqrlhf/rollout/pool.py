@@ -2,13 +2,16 @@
 
 The engines (``generation.engine``: ``vllm`` or ``hf``) live in a placement group of their
 own, one bundle per engine (``rollout.cpus_per_engine`` CPUs, ``rollout.gpus_per_engine``
-GPUs, fractions allowed), so rollout capacity is sized apart from the trainer's workers.
+GPUs, fractions allowed, and the node labels ``rollout.resources_per_engine``), so rollout
+capacity is sized and placed apart from the trainer's workers.
 
 * ``generate`` cuts the prompts into one contiguous chunk per engine and puts the
   answers back in prompt order. An engine whose actor dies is restarted in its bundle,
   given the current policy weights again, and its chunk is sent again; each chunk's
   answer is taken exactly once, so no prompt is lost or duplicated. A chunk is tried at
-  most ``1 + rollout.max_retries`` times.
+  most ``1 + rollout.max_retries`` times. When the engine's *node* is gone, its chunk goes
+  to a surviving engine instead, and so does that engine slot's work from then on (the pool
+  serves on with fewer engines; ``reissued`` counts these hand-overs).
 * ``update_weights`` streams a state dict as buckets through the object store: each
   bucket is checked (names, shapes) against the checkpoint, ``ray.put`` once and loaded
   by every engine while the next bucket is being produced. It fails with TimeoutError
@@ -119,7 +122,11 @@ class EnginePool:
         self._shapes = expected_shapes(self.model_path) if local else None
         init_ray()
         self._check_cluster_fits()
-        bundle = {"CPU": r.cpus_per_engine, **({"GPU": r.gpus_per_engine} if r.gpus_per_engine else {})}
+        bundle = {
+            "CPU": r.cpus_per_engine,
+            **({"GPU": r.gpus_per_engine} if r.gpus_per_engine else {}),
+            **r.resources_per_engine,  # node labels: the engines go only to the nodes that carry them
+        }
         self._pg = placement_group([dict(bundle) for _ in range(r.num_engines)], strategy="PACK")
         try:
             ray.get(self._pg.ready(), timeout=r.sync_timeout_s)
@@ -129,10 +136,13 @@ class EnginePool:
                 f"no room for {r.num_engines} engine(s) of {bundle} within rollout.sync_timeout_s="
                 f"{r.sync_timeout_s} s (cluster has {ray.available_resources()})"
             ) from None
+        self.node_ids = self._bundle_nodes()  # where each engine runs, for logs, manifests and node-loss tests
         self._slots = self._node_slots()
         self._weight_refs: list = []  # buckets of the latest complete update (object refs or host copies)
         self._group = None  # sync_method=broadcast: (store, process group) of this process and the engines
         self.restarts = [0] * r.num_engines
+        self.reissued = [0] * r.num_engines  # chunks handed to another engine after their engine's node was lost
+        self._lost: dict[int, int] = {}  # engine slot whose node is gone -> the engine serving it now
         self._engines: list = [self._launch(i) for i in range(r.num_engines)]
         try:
             ray.get([engine.health.remote() for engine in self._engines])  # start-up errors surface here
@@ -144,17 +154,23 @@ class EnginePool:
     def _check_cluster_fits(self) -> None:
         r = self.cfg.rollout
         total = ray.cluster_resources()
-        for key, need in (("CPU", r.cpus_per_engine), ("GPU", r.gpus_per_engine)):
+        needs = [("CPU", r.cpus_per_engine, "cpus_per_engine"), ("GPU", r.gpus_per_engine, "gpus_per_engine")]
+        needs += [(name, amount, "resources_per_engine") for name, amount in r.resources_per_engine.items()]
+        for key, need, setting in needs:
             if need and need * r.num_engines > total.get(key, 0):
                 raise ConfigError(
                     f"rollout.num_engines={r.num_engines} x {need} {key} exceeds the cluster's "
-                    f"{total.get(key, 0)} {key} (rollout.{'cpus' if key == 'CPU' else 'gpus'}_per_engine)"
+                    f"{total.get(key, 0)} {key} (rollout.{setting})"
                 )
+
+    def _bundle_nodes(self) -> list[str]:
+        """The node id of each engine's bundle, in engine order."""
+        nodes = placement_group_table(self._pg)["bundles_to_node_id"]
+        return [nodes[i] for i in range(len(nodes))]
 
     def _node_slots(self) -> list[tuple[int, int]]:
         """(position among the engines on its node, engines on that node) per engine, for CPU core splitting."""
-        nodes = placement_group_table(self._pg)["bundles_to_node_id"]
-        order = [nodes[i] for i in range(len(nodes))]
+        order = self.node_ids
         return [(order[:i].count(node), order.count(node)) for i, node in enumerate(order)]
 
     def _launch(self, index: int):
@@ -162,6 +178,7 @@ class EnginePool:
         return RemoteEngine.options(
             num_cpus=self.cfg.rollout.cpus_per_engine,
             num_gpus=self.cfg.rollout.gpus_per_engine,
+            resources=dict(self.cfg.rollout.resources_per_engine),
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
             max_restarts=0,
         ).remote(self.cfg, self.model_path, slot, slots)
@@ -195,6 +212,8 @@ class EnginePool:
                     f"rollout.sync_timeout_s={self.cfg.rollout.sync_timeout_s} s"
                 ) from None
         self._engines[index] = engine
+        bundles = placement_group_table(self._pg)["bundles_to_node_id"]  # Ray may have moved the bundle
+        self.node_ids[index] = bundles.get(index, self.node_ids[index])
 
     # -- RolloutEngine ------------------------------------------------------
     def generate(self, prompts: Sequence[Conversation], sampling: Sampling) -> list[Completion]:
@@ -215,7 +234,7 @@ class EnginePool:
                         f"rollout engine {k} died {attempt + 1} time(s) serving prompts {start}..{stop - 1} "
                         f"(rollout.max_retries={self.cfg.rollout.max_retries})"
                     ) from err
-                self._restart(k)
+                self._recover(self._lost.get(k, k))
                 pending[self._submit(k, chunks[k], prompts, sampling)] = (k, attempt + 1)
                 continue
             start = chunks[k][0]
@@ -224,7 +243,31 @@ class EnginePool:
 
     def _submit(self, k: int, chunk: tuple[int, int], prompts: list, sampling: Sampling):
         start, stop = chunk
-        return self._engines[k].generate.remote(prompts[start:stop], chunk_sampling(sampling, start))
+        engine = self._engines[self._lost.get(k, k)]  # a lost engine's chunk goes to the engine serving its slot
+        return engine.generate.remote(prompts[start:stop], chunk_sampling(sampling, start))
+
+    # -- node loss ----------------------------------------------------------
+    def _members(self) -> list[int]:
+        """The engines that serve (every slot whose node was not lost)."""
+        return [i for i in range(len(self._engines)) if i not in self._lost]
+
+    def _recover(self, index: int) -> None:
+        """After engine ``index``'s actor died: a fresh engine in its bundle; or, when its node is gone and
+        another engine's node is alive, its slot (and any slot it served) handed to that survivor, which holds
+        the current weights already. Restarting in the bundle would wait for Ray to find the bundle a new node."""
+        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        survivors = [i for i in self._members() if i != index and self.node_ids[i] in alive]
+        if self.node_ids[index] in alive or not survivors:
+            self._restart(index)
+            return
+        for slot in [index, *(s for s, serving in self._lost.items() if serving == index)]:
+            self._lost[slot] = survivors[slot % len(survivors)]
+            self.reissued[slot] += 1
+        self._group = None  # the broadcast group had the lost engine in it
+        ray.kill(self._engines[index], no_restart=True)
+        logger.warning(
+            "rollout engine %d: node %s is gone, engine %d serves it", index, self.node_ids[index], self._lost[index]
+        )
 
     def update_weights(
         self,
@@ -245,7 +288,8 @@ class EnginePool:
         method = r.sync_method
         started = time.perf_counter()
         group = self._weight_group() if method == "broadcast" else None
-        refs, calls, nbytes, tensors = [], {i: [] for i in range(len(self._engines))}, 0, 0
+        members = {i: self._engines[i] for i in self._members()}
+        refs, calls, nbytes, tensors = [], {i: [] for i in members}, 0, 0
         in_flight = collections.deque()  # cuda_ipc: (buffer, load calls) of buckets engines may still read
         try:
             for bucket in bucket_named_tensors(named_tensors, bucket_bytes):
@@ -258,23 +302,23 @@ class EnginePool:
                 if self._shapes is not None:
                     check_bucket(entries, self._shapes, self.model_name)
                 if not refs:
-                    for i, engine in enumerate(self._engines):
+                    for i, engine in members.items():
                         calls[i].append(engine.begin_weight_update.remote())
                 nbytes, tensors = nbytes + sum(entry[3] for entry in entries), tensors + len(entries)
                 if method == "object_store":
                     refs.append(ray.put(packed))
-                    loads = [engine.load_weight_bucket.remote(refs[-1]) for engine in self._engines]
+                    loads = [engine.load_weight_bucket.remote(refs[-1]) for engine in members.values()]
                 elif method == "cuda_ipc":
                     handle = share_cuda_buffer(buffer, layout)
-                    loads = [engine.load_cuda_bucket.remote(handle) for engine in self._engines]
+                    loads = [engine.load_cuda_bucket.remote(handle) for engine in members.values()]
                     in_flight.append((buffer, loads))
                     self._retire_buckets(in_flight, started)
                 else:
-                    loads = [engine.receive_weight_bucket.remote(layout, buffer.numel()) for engine in self._engines]
+                    loads = [engine.receive_weight_bucket.remote(layout, buffer.numel()) for engine in members.values()]
                     broadcast_bucket(group, buffer)  # returns once every engine has it (fails after the timeout)
                 if method != "object_store":
                     refs.append(host_copy(buffer, layout))  # for engines restarted later; overlaps the engines' copies
-                for i, load in enumerate(loads):
+                for i, load in zip(members, loads):
                     calls[i].append(load)
         except Exception:
             if refs:  # engines hold a half-applied update: put them back on the previous weights
@@ -282,7 +326,7 @@ class EnginePool:
             raise
         if not refs:
             raise ValueError("update_weights: no tensors given")
-        for i, engine in enumerate(self._engines):
+        for i, engine in members.items():
             calls[i].append(engine.finish_weight_update.remote())
         previous, self._weight_refs = self._weight_refs, refs
         self._await_sync(calls, previous, started)
@@ -297,7 +341,7 @@ class EnginePool:
             stats["logprob_gap"] = logprob_gap(trainer_logprobs(completions), [c.logprobs for c in completions])
         logger.info(
             "weight sync: %d tensors, %.1f MB in %d bucket(s) to %d engine(s) in %.2f s, log-prob gap %s",
-            tensors, nbytes / 2**20, len(refs), len(self._engines), seconds, stats.get("logprob_gap", "not probed"),
+            tensors, nbytes / 2**20, len(refs), len(members), seconds, stats.get("logprob_gap", "not probed"),
         )  # fmt: skip
         return stats
 
@@ -307,10 +351,11 @@ class EnginePool:
             r = self.cfg.rollout
             backend, host, port = weight_group_backend(self.cfg), ray.util.get_node_ip_address(), free_port()
             ranks = r.tensor_parallel_size if self.cfg.generation.engine == "vllm" else 1  # group members per engine
-            world = 1 + ranks * len(self._engines)
+            members = [self._engines[i] for i in self._members()]
+            world = 1 + ranks * len(members)
             joins = [
                 engine.join_weight_group.remote(backend, host, port, 1 + i * ranks, world, r.sync_timeout_s)
-                for i, engine in enumerate(self._engines)
+                for i, engine in enumerate(members)
             ]
             member = join_weight_group(backend, host, port, 0, world, r.sync_timeout_s)
             ray.get(joins, timeout=r.sync_timeout_s)
@@ -352,22 +397,21 @@ class EnginePool:
         for i, refs in calls.items():
             try:
                 ray.get(refs)
-            except RayActorError:  # died during the sync: a fresh engine gets the new weights
-                self._restart(i)
+            except RayActorError:  # died during the sync: a fresh engine (or a survivor) has the new weights
+                self._recover(i)
             except Exception:  # an engine refused the update: every engine back to the previous weights
                 self._weight_refs = previous
                 self._restart_all()
                 raise
 
     def _restart_all(self) -> None:
-        for i in range(len(self._engines)):
+        for i in self._members():
             self._restart(i)
 
     def health(self) -> list[dict]:
-        return [
-            {**state, "restarts": self.restarts[i]}
-            for i, state in enumerate(ray.get([e.health.remote() for e in self._engines]))
-        ]
+        members = self._members()
+        states = ray.get([self._engines[i].health.remote() for i in members])
+        return [{**state, "slot": i, "restarts": self.restarts[i]} for i, state in zip(members, states)]
 
     def shutdown(self) -> None:
         for engine in self._engines:

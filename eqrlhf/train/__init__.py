@@ -37,7 +37,9 @@ from eqrlhf.train.driver import (
     CHECKPOINTS,
     MANIFEST,
     check_settings,
+    check_worker_resources,
     link_final,
+    read_placement,
     resume_checkpoint,
     scaling_config,
     train_dir,
@@ -111,6 +113,7 @@ def build_trainer(cfg: Config, plan: dict):
     from eqrlhf.train.loop import train_loop_per_worker
 
     train = cfg.train
+    check_worker_resources(train)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "plan": plan},
@@ -192,6 +195,7 @@ def run_train(cfg: Config) -> dict:
         "unused_rows_per_epoch": plan["unused_rows_per_epoch"],
         "num_workers": cfg.train.num_workers,
         "zero_stage": cfg.train.zero_stage,
+        "placement": {"trainer_nodes": read_placement(out)},  # Ray node id of each rank
         "start_step": plan["start_step"],
         "total_steps": plan["total_steps"],
         "steps_run": steps_run,

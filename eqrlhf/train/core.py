@@ -77,6 +77,7 @@ def start_worker(config: dict) -> Worker:
     import ray.train
 
     from eqrlhf.models.loading import load_tokenizer
+    from eqrlhf.train.driver import record_placement
 
     cfg, plan = config["cfg"], config["plan"]
     ctx = ray.train.get_context()
@@ -86,7 +87,9 @@ def start_worker(config: dict) -> Worker:
     # Ray Train has created the process group (gloo on CPU, NCCL on GPU): DeepSpeed wraps it instead of
     # starting its own, now, so that ZeRO-3 loading already sees the real world size.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    return Worker(cfg, plan, ctx.get_world_rank(), ctx.get_world_size(), tokenizer)
+    worker = Worker(cfg, plan, ctx.get_world_rank(), ctx.get_world_size(), tokenizer)
+    record_placement(worker)
+    return worker
 
 
 # ---- models -----------------------------------------------------------------------------------------------

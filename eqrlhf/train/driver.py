@@ -3,6 +3,7 @@ which checkpoint a run resumes from, and how Ray Train places and configures its
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -69,12 +70,58 @@ def worker_env() -> dict:
     return env
 
 
+def worker_resources(train) -> dict[str, float]:
+    """What one Ray Train worker asks for: ``train.cpus_per_worker`` CPUs, with ``use_gpu`` ``gpus_per_worker``
+    GPUs, and the node labels in ``train.resources_per_worker``."""
+    gpus = {"GPU": train.gpus_per_worker} if train.use_gpu else {}
+    return {"CPU": train.cpus_per_worker, **gpus, **train.resources_per_worker}
+
+
 def scaling_config(train):
-    """Ray Train workers: ``train.cpus_per_worker`` CPUs each and, with ``use_gpu``, ``gpus_per_worker`` GPUs."""
     from ray.train import ScalingConfig
 
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if train.use_gpu else {})}
+    resources = worker_resources(train)
     return ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources)
+
+
+def check_worker_resources(train) -> None:
+    """Fail now when the connected cluster has fewer of a label than the workers need: Ray Train would wait
+    for them forever (a misspelt label, or trainer nodes that never joined)."""
+    import ray
+
+    total = ray.cluster_resources()
+    for name, need in train.resources_per_worker.items():
+        if need * train.num_workers > total.get(name, 0):
+            raise ConfigError(
+                f"train.num_workers={train.num_workers} x {need} {name} exceeds the cluster's {total.get(name, 0)} "
+                f"{name} (train.resources_per_worker; nodes: {', '.join(sorted(total)) or 'none'})"
+            )
+
+
+PLACEMENT = "placement.json"
+
+
+def record_placement(worker) -> None:
+    """Rank 0 writes ``<train dir>/placement.json``: the Ray node id of every rank, gathered over the training
+    process group (one small collective at start-up). The manifest repeats it: which nodes a run used is what
+    a multi-node failure report needs first."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [None] * worker.world
+    if dist.is_available() and dist.is_initialized() and worker.world > 1:
+        dist.all_gather_object(nodes, node)
+    else:
+        nodes = [node]
+    if worker.rank == 0:
+        Path(worker.plan["train_dir"], PLACEMENT).write_text(json.dumps({"trainer_nodes": nodes}, indent=2))
+
+
+def read_placement(out: Path) -> list[str] | None:
+    """The node id of each rank of the last start of the run in ``out`` (None when it was not recorded)."""
+    path = Path(out) / PLACEMENT
+    return json.loads(path.read_text())["trainer_nodes"] if path.is_file() else None
 
 
 def link_final(out: Path, checkpoint: str | None) -> str | None:

@@ -29,7 +29,9 @@ from eqrlhf.train.batching import TrainInputError
 from eqrlhf.train.driver import (
     CHECKPOINTS,
     MANIFEST,
+    check_worker_resources,
     link_final,
+    read_placement,
     resume_checkpoint,
     scaling_config,
     train_dir,
@@ -211,6 +213,7 @@ def build_ppo_trainer(cfg: Config, plan: dict, pool):
     from eqrlhf.train.ppo_loop import ppo_loop_per_worker
 
     train = cfg.train
+    check_worker_resources(train)
     return TorchTrainer(
         ppo_loop_per_worker,
         # the pool object carries only actor and placement-group handles: rank 0 uses them, nothing is copied
@@ -280,6 +283,7 @@ def run_ppo(cfg: Config, pool=None) -> dict:
         from eqrlhf.rollout.pool import EnginePool
 
         pool = EnginePool(cfg)
+    engine_nodes = list(pool.node_ids)  # read now: an owned pool is gone after the run
     try:
         result = build_ppo_trainer(cfg, plan, pool).fit()
     finally:
@@ -303,6 +307,7 @@ def run_ppo(cfg: Config, pool=None) -> dict:
         "zero_stage": cfg.train.zero_stage,
         "engine": cfg.generation.engine,
         "engines": cfg.rollout.num_engines,
+        "placement": {"trainer_nodes": read_placement(out), "engine_nodes": engine_nodes},  # Ray node ids
         "start_iteration": plan["start_iteration"],
         "total_iterations": plan["total_iterations"],
         "iterations_run": plan["total_iterations"] - plan["start_iteration"],
