@@ -134,15 +134,17 @@ class Pipeline:
             start_new_session=True,
         )
 
-    def wait_for(self, ready, timeout: float = 300) -> None:
+    def wait_for(self, ready, what: str, timeout: float = 300) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if ready():
                 return
             if self.proc.poll() is not None:
+                self.kill()
                 raise AssertionError(f"the pipeline exited ({self.proc.returncode}) too early:\n{self.output()}")
             time.sleep(0.2)
-        raise AssertionError(f"timed out:\n{self.output()}")
+        self.kill()
+        raise AssertionError(f"{what} did not happen within {timeout:.0f} s (not interrupted yet):\n{self.output()}")
 
     def interrupt(self) -> None:
         os.killpg(self.proc.pid, signal.SIGINT)
@@ -150,11 +152,39 @@ class Pipeline:
     def finish(self, timeout: float = 300) -> int:
         try:
             return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the interrupted pipeline did not exit within {timeout:.0f} s:\n{self.output()}"
+            ) from None
         finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-            self.out.close()
-            self.err.close()
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL to what is left of the pipeline: the driver, the Ray processes it started and their workers,
+        which Ray puts in process groups of their own (same session), so that a failed test leaves nothing
+        running. A worker killed while DeepSpeed builds its op would leave torch's lock file in the build folder
+        (``ninja``'s working folder), on which every later build waits without a limit: it is removed."""
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        builds = []
+        for pid in pids:
+            try:
+                if os.getsid(pid) == self.proc.pid and Path(f"/proc/{pid}/comm").read_text().strip() == "ninja":
+                    builds.append(Path(os.readlink(f"/proc/{pid}/cwd")))
+            except OSError:  # gone, or not ours
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pid in pids:
+            try:
+                if os.getsid(pid) == self.proc.pid:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for folder in builds:
+            (folder / "lock").unlink(missing_ok=True)
+        for stream in (self.out, self.err):
+            if not stream.closed:
+                stream.close()
 
     def output(self) -> str:
         return self.log.with_suffix(".out").read_text()[-3000:] + "\n--- stderr ---\n" + self.stderr()
@@ -214,7 +244,7 @@ def test_ctrl_c_during_categorize_and_train_stops_cleanly_and_the_rerun_redoes_t
     try:
         os.write(pipe, b"".join(DEMO.read_bytes().splitlines(True)[:20]))
         first = Pipeline(args, tmp_path / "first")
-        first.wait_for(lambda: list(run_dir.glob("categorized.tmp-*/rows")))
+        first.wait_for(lambda: list(run_dir.glob("categorized.tmp-*/rows")), "categorize starting")
         time.sleep(1)  # the read task is waiting on the pipe
         first.interrupt()
         assert first.finish() == 130, first.output()
@@ -227,7 +257,7 @@ def test_ctrl_c_during_categorize_and_train_stops_cleanly_and_the_rerun_redoes_t
     corpus.unlink()
     shutil.copy(DEMO, corpus)
     second = Pipeline(args, tmp_path / "second")
-    second.wait_for(lambda: any(p.stat().st_size for p in run_dir.glob("train.tmp-*/metrics.jsonl")))
+    second.wait_for(lambda: any(p.stat().st_size for p in run_dir.glob("train.tmp-*/metrics.jsonl")), "a training step")
     second.interrupt()
     assert second.finish() == 130, second.output()
     line = _one_line_stop(second, "train")

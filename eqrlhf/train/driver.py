@@ -3,7 +3,9 @@ which checkpoint a run resumes from, and how Ray Train places and configures its
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -68,7 +70,22 @@ def worker_env() -> dict:
     # the driver twice, the progress bar's states included (a closed bar drawn again). Unpatched, print()
     # writes once to the worker's output, which Ray keeps in logs/worker-*.out and streams to the driver.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR") or torch_extensions_dir())
     return env
+
+
+def torch_extensions_dir() -> str:
+    """Where the workers' DeepSpeed builds its C++ ops (the CPU shared-memory collective on every run), one
+    folder per Python environment. torch's default, ``~/.cache/torch_extensions/py311_cpu``, is shared by every
+    environment of the user: each one's headers make a different build, so a run from another environment (a
+    second clone, CI's fresh one) rebuilt the op there, 30-55 s on 2 cores and longer under load, and every
+    other run's worker waited on that build's lock file (torch waits on it without a limit) before it could
+    train. On the 2-core development machine deepspeed_shm_comm was built 26 times in 10 hours, alternating
+    between 7 different build commands (its .ninja_log). ``TORCH_EXTENSIONS_DIR`` set by the user wins."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    prefix = os.path.realpath(sys.prefix)
+    tag = hashlib.sha256(prefix.encode()).hexdigest()[:12]
+    return os.path.join(cache, "torch_extensions", f"eqrlhf-{os.path.basename(prefix)}-{tag}")
 
 
 def scaling_config(train):
