@@ -5,8 +5,8 @@ a key fails in milliseconds instead of after a Ray cluster has started.
 ``eqrlhf export RUN_DIR OUT_DIR`` and ``eqrlhf compare RUN_DIR...`` read a run's outputs and take no config.
 
 Exit status: 0 done; 2 the config or the input is wrong (an ``eqrlhf.errors.UserError``, also one raised in a
-Ray worker), printed as one message without a traceback (``EQRLHF_DEBUG=1`` shows it); anything else is a bug
-and propagates with its traceback (Python exits 1).
+Ray worker), printed as one message without a traceback (``EQRLHF_DEBUG=1`` shows it); 130 interrupted
+(Ctrl-C), one line naming the stage; anything else is a bug and propagates with its traceback (Python exits 1).
 """
 
 from __future__ import annotations
@@ -118,6 +118,9 @@ def _guarded(command: str, call) -> int:
     """Run ``call``; a user error (also one raised in a Ray worker) prints one line and gives exit status 2."""
     try:
         call()
+    except KeyboardInterrupt as err:  # Ctrl-C: one line (which stage, what the next run does), no traceback
+        print(f"eqrlhf {command}: {str(err) or 'interrupted'}", file=sys.stderr, flush=True)
+        return 130
     except Exception as err:
         user_error = find_user_error(err)
         if user_error is None:

@@ -18,6 +18,8 @@ import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from eqrlhf.atomic import write_json
+
 STATE_FILE = "stage_state.json"
 MANIFEST = "manifest.json"
 CARD = "README.md"
@@ -95,8 +97,7 @@ def read_state(out_dir: Path) -> dict[str, str] | None:
 
 
 def write_state(out_dir: Path, stage: str, parts: dict[str, str]) -> None:
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / STATE_FILE).write_text(json.dumps({"stage": stage, "parts": parts}, indent=2))
+    write_json(Path(out_dir) / STATE_FILE, {"stage": stage, "parts": parts})  # atomic: all of it or the old one
 
 
 def clear_state(out_dir: Path) -> None:

@@ -4,12 +4,17 @@ Every stage writes through :class:`StageWriter`, so every input row is
 accounted for: written, filtered with a counted reason, or in ``errors.jsonl``
 with file, line and field. The driver streams batches into it; memory stays
 bounded by one shard.
+
+The writer fills ``<out>.tmp-<pid>`` beside the output (:class:`eqrlhf.atomic.StagedDir`) and swaps it in
+whole when it closes, so the previous output (rows and manifest) stays as it was until then: a stage that
+fails keeps its attempt as ``<out>.failed`` (with its ``errors.jsonl``) and one interrupted by Ctrl-C
+leaves nothing. Use it as a context manager (``with StageWriter(...) as writer:``) so that an exception
+anywhere in the stage does the same.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eqrlhf.atomic import StagedDir, write_json
 from eqrlhf.errors import InputError, InputNotFound, tried
 
 MANIFEST = "manifest.json"
@@ -34,10 +40,10 @@ class NothingWritten(InputError):
 
 class StageWriter:
     def __init__(self, out_dir: str | Path, stage: str, config_hash: str, shard_rows: int = 50_000):
-        self.dir = Path(out_dir)
-        if self.dir.exists():
-            shutil.rmtree(self.dir)  # a stage output is always rewritten whole
-        (self.dir / ROWS_DIR).mkdir(parents=True)
+        self.dir = Path(out_dir)  # where the output will be once closed; the previous one stays until then
+        self._staged = StagedDir(self.dir)  # a stage output is always rewritten whole, beside the old one
+        self.work_dir = self._staged.path  # where this run writes: extra files a stage adds go here too
+        (self.work_dir / ROWS_DIR).mkdir(parents=True)
         self.stage = stage
         self.config_hash = config_hash
         self.shard_rows = shard_rows
@@ -53,8 +59,29 @@ class StageWriter:
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self._shards = 0
-        self._errors = open(self.dir / ERRORS, "w", encoding="utf-8")
+        self._errors = open(self.work_dir / ERRORS, "w", encoding="utf-8")
         self._side: dict[str, object] = {}
+        self._committed = False
+
+    def __enter__(self) -> StageWriter:
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        """An exception out of the stage: an error keeps the attempt as ``<out>.failed``, Ctrl-C removes it;
+        either way the previous output is untouched."""
+        if kind is not None:
+            self._close_files()
+            self._staged.__exit__(kind, err, tb)
+
+    def _close_files(self) -> None:
+        self._errors.close()
+        for fh in self._side.values():
+            fh.close()
+
+    def fail(self) -> Path:
+        """Give up: keep this attempt as ``<out>.failed`` for inspection and return that folder."""
+        self._close_files()
+        return self._staged.fail()
 
     # -- rows -------------------------------------------------------------
     def write_rows(self, table: pa.Table) -> None:
@@ -76,7 +103,7 @@ class StageWriter:
         if not self._pending:
             return
         table = pa.concat_tables(self._pending, promote_options="default")
-        pq.write_table(table, self.dir / ROWS_DIR / f"part-{self._shards:05d}.parquet")
+        pq.write_table(table, self.work_dir / ROWS_DIR / f"part-{self._shards:05d}.parquet")
         self._shards += 1
         self._pending, self._pending_rows = [], 0
 
@@ -98,7 +125,7 @@ class StageWriter:
     def side_output(self, name: str, rows: list[dict]) -> None:
         """Append rows to a named JSONL side output (e.g. the judge's `unparsed`)."""
         if name not in self._side:
-            self._side[name] = open(self.dir / f"{name}.jsonl", "w", encoding="utf-8")
+            self._side[name] = open(self.work_dir / f"{name}.jsonl", "w", encoding="utf-8")
         fh = self._side[name]
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
@@ -112,32 +139,32 @@ class StageWriter:
             return
         head = f"{self.stage}: {errors} of {self.read} rows failed ({errors / total:.1%}, error budget {budget:.1%})"
         (source, file, field, code), n = self.failed_fields.most_common(1)[0]
+        # the previous output stays and this attempt is kept for inspection (after close: the output itself)
+        errors_file = (self.dir if self._committed else self.fail()) / ERRORS
         if n == errors and code == "missing_field":  # one column every row lacks: a mapping problem
             raise ErrorBudgetExceeded(
                 f"{head}: every one lacks field '{field}' in source '{source}' ({file}), so the file's columns "
                 f"do not match what the adapter reads: map them with data.sources[].fields (docs/your-data.md); "
-                f"rows in {self.dir / ERRORS}"
+                f"rows in {errors_file}"
             )
-        raise ErrorBudgetExceeded(f"{head}; see {self.dir / ERRORS} (raise data.error_budget to accept)")
+        raise ErrorBudgetExceeded(f"{head}; see {errors_file} (raise data.error_budget to accept)")
 
     def close(self, hints: dict[str, str] | None = None, **extra) -> dict:
-        """Write the manifest and return it. A stage that read rows and wrote none raises NothingWritten
-        naming the reason counted most (with ``hints[reason]``, what to change) and writes no manifest, so
-        no later stage reads the empty output."""
+        """Write the manifest, swap the output into place and return the manifest. A stage that read rows and
+        wrote none raises NothingWritten naming the reason counted most (with ``hints[reason]``, what to
+        change) and keeps its attempt as ``<out>.failed``: no later stage reads the empty output, and the
+        previous output stays."""
         if self.read and not self.written:
             reasons = self.filtered + self.failed + Counter(extra.get("unparsed_by_kind") or {})
             top, n = reasons.most_common(1)[0] if reasons else ("no reason counted", self.read)
             hint = (hints or {}).get(top)
-            self._errors.close()
             raise NothingWritten(
                 f"{self.stage}: wrote 0 of {self.read} rows; {n} of {self.read}: {top}"
                 + (f": {hint}" if hint else "")
-                + f" (counts: {dict(reasons)}; details in {self.dir})"
+                + f" (counts: {dict(reasons)}; details in {self.fail()})"
             )
         self._flush()
-        self._errors.close()
-        for fh in self._side.values():
-            fh.close()
+        self._close_files()
         self.extra.update(extra)
         manifest = {
             "stage": self.stage,
@@ -152,7 +179,9 @@ class StageWriter:
             "seconds": round(time.time() - self.started, 3),
             **self.extra,
         }
-        (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_json(self.work_dir / MANIFEST, manifest)  # last: a folder without one is not a finished stage
+        self._staged.commit()
+        self._committed = True
         return manifest
 
 

@@ -8,6 +8,10 @@ A stage's state (its fingerprint parts) is written to ``<output>/stage_state.jso
 succeeds and removed before it starts. A stage runs when its state is missing, when any declared key, input
 file or the package version changed, or when an earlier stage that writes one of its inputs runs in the
 same plan (its inputs will change).
+
+Stages write their output beside the old one and swap it in when complete (eqrlhf.atomic), so a stage that
+fails or is interrupted leaves the previous output, without its state: the next run redoes the stage. Ctrl-C
+raises :class:`StageInterrupted` (a KeyboardInterrupt naming the stage), which ``eqrlhf`` prints as one line.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from eqrlhf.atomic import INTERRUPTED_SUFFIX, write_json
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.errors import UserError, listing
 from eqrlhf.fingerprint import changed_parts, clear_state, fingerprint, read_state, write_state
@@ -28,6 +33,33 @@ from eqrlhf.terminal import ray_log_dir
 from eqrlhf.tracking import PipelineRun, check_tracking
 
 MANIFEST = "manifest.json"
+
+
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a stage ran. Its output is written beside the previous one (eqrlhf.atomic), so the previous
+    output is untouched; its state was cleared before it started, so the next run redoes it. ``eqrlhf`` prints
+    the message as one line and exits 130."""
+
+    def __init__(self, stage: str, out_dir: Path, in_place: bool = False):
+        kept = out_dir.with_name(out_dir.name + INTERRUPTED_SUFFIX)
+        if in_place:  # evaluate, and training that continues its own checkpoints, write where they are
+            where = f"{out_dir} may be partly rewritten"
+        else:
+            where = f"{out_dir} is as it was before the stage started"
+            where += f"; this attempt is kept in {kept}" if kept.exists() else ""  # training: its checkpoints
+        super().__init__(f"interrupted during the {stage} stage: {where}; the next run redoes the {stage} stage")
+        self.stage = stage
+
+
+def _writes_in_place(stage: Stage, cfg: Config) -> bool:
+    """Stages that do not write their output beside the old one: evaluate (one folder per evaluated model,
+    each file replaced whole) and a training run continuing its own checkpoints (``resume`` without
+    ``resume_from``)."""
+    if stage.name == "evaluate":
+        return True
+    settings = {"train": cfg.train, "warm_start": cfg.pipeline.warm_start, "reward": cfg.pipeline.reward_train}
+    train = settings.get(stage.name)
+    return train is not None and train.resume and not train.resume_from
 
 
 @dataclass
@@ -94,8 +126,11 @@ def run_stage(stage: Stage, cfg: Config, force: bool = False, label: str = "") -
         return {"skipped": True, **json.loads((out_dir / MANIFEST).read_text())}
     print(f"{prefix} {stage.name}: running ({'; '.join(decision.reasons)})", flush=True)
     clear_state(out_dir)
-    # the stage sees only its declared keys; the fingerprint above and below is of the whole config
-    manifest = stage.run(restrict(cfg, stage.reads(cfg), stage.name))
+    try:
+        # the stage sees only its declared keys; the fingerprint above and below is of the whole config
+        manifest = stage.run(restrict(cfg, stage.reads(cfg), stage.name))
+    except KeyboardInterrupt:
+        raise StageInterrupted(stage.name, out_dir, _writes_in_place(stage, cfg)) from None
     # recomputed after the run: a stage may write an input it reads (the refusal judge's head on first use)
     write_state(out_dir, stage.name, fingerprint(cfg.model_dump(mode="json"), stage.reads(cfg), stage.inputs(cfg)))
     return manifest
@@ -133,7 +168,7 @@ def run_pipeline(cfg: Config, plan_only: bool = False) -> dict:
     check_all(stages, cfg)  # the raw config: each stage gets its own effective_config below
     shown = effective_config(cfg)  # the run's config as written and reported
     cfg.run.dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run.dir / "config.json").write_text(json.dumps(shown.model_dump(mode="json"), indent=2))
+    write_json(cfg.run.dir / "config.json", shown.model_dump(mode="json"))
     tracked = PipelineRun(shown)  # the MLflow / W&B parent run (eqrlhf.tracking); a no-op when tracking is off
     try:
         report = _run_selected(cfg, stages, shown, tracked)

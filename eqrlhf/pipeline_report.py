@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from eqrlhf.atomic import write_json
 from eqrlhf.config import CATEGORIES, Config
 from eqrlhf.errors import InputNotFound, tried
 from eqrlhf.fingerprint import fingerprint
@@ -106,7 +107,7 @@ def evaluate_before_after(cfg: Config) -> dict:
     doc = evaluate_model(cfg, str(trained), TRAINED_TAG)
     manifest["trained"] = _entry(TRAINED_TAG, str(trained), out_dir, doc)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    write_json(manifest_path, manifest)
     return manifest
 
 

@@ -180,8 +180,10 @@ def test_error_budget_fails_the_stage_after_writing_errors(tmp_path, ray_local):
     out = tmp_path / "bad" / "categorized"
     with pytest.raises(ErrorBudgetExceeded, match=r"11 of 17 rows failed \(64.7%, error budget 50.0%\); see .*raise"):
         run_categorize(cfg)
-    assert len((out / ERRORS).read_text().splitlines()) == 11
+    failed = out.with_name("categorized.failed")  # the attempt is kept beside the output, for inspection
+    assert len((failed / ERRORS).read_text().splitlines()) == 11
     assert not (out / MANIFEST).exists()  # a failed stage leaves nothing a later stage would read as done
+    assert not (failed / MANIFEST).exists() and not list(out.parent.glob("categorized.tmp-*"))
 
 
 def _own_files(tmp_path: Path) -> tuple[Path, Path]:

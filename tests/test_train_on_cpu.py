@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -534,3 +535,44 @@ def test_smollm2_reward_model_then_scores_then_ama_dpo(ray_local, tmp_path):
     print(f"seconds per step (median): {manifest['step_seconds_median']}")
     assert len(history) == 10 and all(0 < row["ama/kept_fraction"] < 1 for row in history)
     assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_workers_build_torch_extensions_in_their_own_environments_folder(monkeypatch, tmp_path):
+    """DeepSpeed's C++ ops are built in a folder of the Python environment's own: torch's shared default made
+    each environment on the machine rebuild over the others' build and wait on its lock file."""
+    from eqrlhf.train.driver import worker_env
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    here = worker_env()["TORCH_EXTENSIONS_DIR"]
+    assert here.startswith(
+        str(tmp_path / "torch_extensions" / f"eqrlhf-{os.path.basename(os.path.realpath(sys.prefix))}-")
+    )
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "another" / ".venv"))
+    assert worker_env()["TORCH_EXTENSIONS_DIR"] not in (here, None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    assert worker_env()["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
+
+
+def test_a_build_lock_left_by_a_killed_builder_is_removed_and_a_live_one_kept(tmp_path):
+    """torch waits without a limit on the lock file of a C++ op build; a worker killed mid-build left it."""
+    import shutil as sh
+
+    from eqrlhf.train.core import clear_stale_build_lock
+
+    folder = tmp_path / "deepspeed_shm_comm"
+    folder.mkdir()
+    lock = folder / "lock"
+    lock.touch()
+    ninja = tmp_path / "ninja"  # a process named ninja working in the folder: a live build
+    sh.copy(sh.which("sleep"), ninja)
+    build = subprocess.Popen([str(ninja), "30"], cwd=folder)
+    try:
+        time.sleep(0.2)
+        assert not clear_stale_build_lock(folder, min_age_s=0, settle_s=0.1) and lock.exists()
+    finally:
+        build.kill()
+        build.wait()
+    # no builder: removed once the file is min_age_s old (here it waits for that)
+    assert clear_stale_build_lock(folder, min_age_s=0.5, settle_s=0.1) and not lock.exists()
+    assert not clear_stale_build_lock(folder)  # no lock: nothing to do

@@ -238,56 +238,58 @@ def run_control_data(cfg: Config) -> dict:
     if not train:
         raise InputError(f"control-data: no prompts left to sample after holding out {len(heldout)}")
     out = output_dir(cfg)
-    writer = StageWriter(out, "control_data", cfg.hash())
-    writer.count_read(counts["read"])
-    writer.write_errors(errors)
-    writer.check_budget(cfg.data.error_budget)
-    for reason in ("duplicate_prompt", "sampled_out"):
-        if counts.get(reason):
-            writer.filter(reason, counts[reason])
-    writer.filter("heldout_prompt", len(heldout))
-    writer.side_output("heldout_prompts", heldout)
-    writer.side_output("train_prompts", train)
+    with StageWriter(out, "control_data", cfg.hash()) as writer:
+        writer.count_read(counts["read"])
+        writer.write_errors(errors)
+        writer.check_budget(cfg.data.error_budget)
+        for reason in ("duplicate_prompt", "sampled_out"):
+            if counts.get(reason):
+                writer.filter(reason, counts[reason])
+        writer.filter("heldout_prompt", len(heldout))
+        writer.side_output("heldout_prompts", heldout)
+        writer.side_output("train_prompts", train)
 
-    texts, scores = sample_and_score(cfg, plan["model"], train)
-    k = c.samples_per_prompt
-    empty = [i for i, t in enumerate(texts) if not t.strip()]
-    kept = sorted(set(range(len(texts))) - set(empty))
-    if not kept:
-        raise InputError("control-data: every sampled response is empty")
-    summaries, assigned = bin_pool({a: [v[i] for i in kept] for a, v in scores.items()}, c.levels)
-    level_of = {i: {a: assigned[a][n] for a in c.levels} for n, i in enumerate(kept)}
-    samples = [
-        [
-            {"text": texts[i], "levels": level_of[i], "scores": {a: scores[a][i] for a in c.levels}}
-            for i in range(p * k, (p + 1) * k)
-            if i in level_of
+        texts, scores = sample_and_score(cfg, plan["model"], train)
+        k = c.samples_per_prompt
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        kept = sorted(set(range(len(texts))) - set(empty))
+        if not kept:
+            raise InputError("control-data: every sampled response is empty")
+        summaries, assigned = bin_pool({a: [v[i] for i in kept] for a, v in scores.items()}, c.levels)
+        level_of = {i: {a: assigned[a][n] for a in c.levels} for n, i in enumerate(kept)}
+        samples = [
+            [
+                {"text": texts[i], "levels": level_of[i], "scores": {a: scores[a][i] for a in c.levels}}
+                for i in range(p * k, (p + 1) * k)
+                if i in level_of
+            ]
+            for p in range(len(train))
         ]
-        for p in range(len(train))
-    ]
-    out_rows, single = tagged_rows(cfg, train, samples, plan["format"])
-    if empty:
-        writer.filter("empty_response", len(empty))
-    if single and plan["format"] == "pairs":
-        writer.filter("all_samples_one_setting", single)
-    writer.write_rows(rows_to_table(out_rows))  # extra keys of the input rows are not columns: dropped
-    tagged_model = None
-    if c.encoding == "special_tokens":
-        tagged_model = str(prepare_tagged_model(plan["model"], out / TAGGED_MODEL, c.levels, cfg.model.dtype))
-    manifest = writer.close(
-        control={
-            "levels": c.levels,
-            "encoding": c.encoding,
-            "format": plan["format"],
-            "binning": summaries,
-            "scorers": scorer_names(cfg),
-            "base_model": base_model(cfg),
-            "tagged_model": tagged_model,
-            "settings": len(all_settings(c.levels)),
-        },
-        prompts={"train": len(train), "heldout": len(heldout), "single_setting": single},
-        responses={"sampled": len(texts), "empty": len(empty), "kept": len(kept)},
-    )
+        out_rows, single = tagged_rows(cfg, train, samples, plan["format"])
+        if empty:
+            writer.filter("empty_response", len(empty))
+        if single and plan["format"] == "pairs":
+            writer.filter("all_samples_one_setting", single)
+        writer.write_rows(rows_to_table(out_rows))  # extra keys of the input rows are not columns: dropped
+        tagged_model = None
+        if c.encoding == "special_tokens":
+            # written with the rest of the output beside the old one; the manifest names where it will be
+            prepare_tagged_model(plan["model"], writer.work_dir / TAGGED_MODEL, c.levels, cfg.model.dtype)
+            tagged_model = str(out / TAGGED_MODEL)
+        manifest = writer.close(
+            control={
+                "levels": c.levels,
+                "encoding": c.encoding,
+                "format": plan["format"],
+                "binning": summaries,
+                "scorers": scorer_names(cfg),
+                "base_model": base_model(cfg),
+                "tagged_model": tagged_model,
+                "settings": len(all_settings(c.levels)),
+            },
+            prompts={"train": len(train), "heldout": len(heldout), "single_setting": single},
+            responses={"sampled": len(texts), "empty": len(empty), "kept": len(kept)},
+        )
     edges = "; ".join(f"{a} edges {[round(e, 3) for e in s['edges']]}" for a, s in summaries.items())
     print(
         f"control-data: {len(train)} prompts x {k} samples -> {manifest['rows_written']} {plan['format']} rows "

@@ -161,35 +161,35 @@ def run_categorize(cfg: Config) -> dict:
         options.resource_limits = options.resource_limits.copy(object_store_memory=cfg.data.inflight_mb * 2**20)
 
     out_dir = cfg.stage_dir(cfg.categorize.output, "categorized")
-    writer = StageWriter(out_dir, "categorize", cfg.hash())
-    dups, ids, undecided, first_errors = DuplicateIndex(), FirstSeen(), Counter(), []
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=cfg.data.rows_per_block):
-        writer.count_read(batch.num_rows)
-        good, errors, unparsed = split_batch(batch)
-        good, repeated = reject_repeated_ids(good, ids)
-        errors += repeated
-        writer.write_rows(dups.mark(good))
-        writer.write_errors(errors)
-        first_errors.extend(errors[: max(0, 5 - len(first_errors))])
-        if unparsed:
-            writer.side_output("unparsed", unparsed)
-            undecided.update(_undecided_kind(r["category_error"]) for r in unparsed)
-    try:
-        writer.check_budget(cfg.data.error_budget)
-    except ErrorBudgetExceeded:
-        # errors.jsonl is complete on disk for inspection; no manifest, so no later stage reads this output
-        writer._errors.close()
-        print("first errors:\n  " + "\n  ".join(format_error(e) for e in first_errors))
-        raise
-    manifest = writer.close(
-        hints={UNMAPPED_LABEL: "set categorize.label_map or categorize.default_category (docs/your-data.md)"},
-        method=cfg.categorize.method,
-        sources=[p.source for p in plans],
-        duplicates=dups.count,
-        duplicates_by_source=dict(sorted(dups.by_pair.items())),
-        unparsed_by_kind=dict(sorted(undecided.items())),
-        unparsed_rows=sum(undecided.values()),
-    )
+    # the previous output stays until the new one is complete (eqrlhf.manifest.StageWriter)
+    with StageWriter(out_dir, "categorize", cfg.hash()) as writer:
+        dups, ids, undecided, first_errors = DuplicateIndex(), FirstSeen(), Counter(), []
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=cfg.data.rows_per_block):
+            writer.count_read(batch.num_rows)
+            good, errors, unparsed = split_batch(batch)
+            good, repeated = reject_repeated_ids(good, ids)
+            errors += repeated
+            writer.write_rows(dups.mark(good))
+            writer.write_errors(errors)
+            first_errors.extend(errors[: max(0, 5 - len(first_errors))])
+            if unparsed:
+                writer.side_output("unparsed", unparsed)
+                undecided.update(_undecided_kind(r["category_error"]) for r in unparsed)
+        try:
+            writer.check_budget(cfg.data.error_budget)
+        except ErrorBudgetExceeded:
+            # errors.jsonl is complete in <out>.failed for inspection; the previous output is untouched
+            print("first errors:\n  " + "\n  ".join(format_error(e) for e in first_errors))
+            raise
+        manifest = writer.close(
+            hints={UNMAPPED_LABEL: "set categorize.label_map or categorize.default_category (docs/your-data.md)"},
+            method=cfg.categorize.method,
+            sources=[p.source for p in plans],
+            duplicates=dups.count,
+            duplicates_by_source=dict(sorted(dups.by_pair.items())),
+            unparsed_by_kind=dict(sorted(undecided.items())),
+            unparsed_rows=sum(undecided.values()),
+        )
     print(summary(manifest, first_errors, time.time() - started))
     return manifest
 

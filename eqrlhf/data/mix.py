@@ -151,25 +151,27 @@ def run_mix(cfg) -> dict:
     # Categories interleave in key order, so a prefix of the mixture is itself a fair sample.
     selected.sort(key=lambda row: (sample_key(seed, row["id"]), row["id"]))
 
-    writer = StageWriter(cfg.stage_dir(mix.output, "mixture"), "mix", cfg.hash())
-    writer.count_read(read)
-    for reason, n in skipped.items():
-        if n:
-            writer.filter(reason, n)
-    not_sampled = sum(available.values()) - sum(r["selected"] - r["repeated"] for r in report.values())
-    if not_sampled:
-        writer.filter("not sampled", not_sampled)
-    for start in range(0, len(selected), cfg.data.rows_per_block):
-        writer.write_rows(pa.Table.from_pylist(selected[start : start + cfg.data.rows_per_block], schema=ROW_SCHEMA))
-    manifest = writer.close(
-        mix={
-            "seed": seed,
-            "with_replacement": mix.with_replacement,
-            "rows_repeated": sum(r["repeated"] for r in report.values()),
-            "exclude_duplicates": mix.exclude_duplicates,
-            "categories": report,
-        }
-    )
+    with StageWriter(cfg.stage_dir(mix.output, "mixture"), "mix", cfg.hash()) as writer:
+        writer.count_read(read)
+        for reason, n in skipped.items():
+            if n:
+                writer.filter(reason, n)
+        not_sampled = sum(available.values()) - sum(r["selected"] - r["repeated"] for r in report.values())
+        if not_sampled:
+            writer.filter("not sampled", not_sampled)
+        for start in range(0, len(selected), cfg.data.rows_per_block):
+            writer.write_rows(
+                pa.Table.from_pylist(selected[start : start + cfg.data.rows_per_block], schema=ROW_SCHEMA)
+            )
+        manifest = writer.close(
+            mix={
+                "seed": seed,
+                "with_replacement": mix.with_replacement,
+                "rows_repeated": sum(r["repeated"] for r in report.values()),
+                "exclude_duplicates": mix.exclude_duplicates,
+                "categories": report,
+            }
+        )
     print(
         f"mix: read {read}, selected {len(selected)} "
         + " ".join(f"{c}={r['selected']}/{r['available']}" for c, r in report.items())

@@ -355,41 +355,41 @@ def run_pairs(cfg) -> dict:
             f"row {first_missing} in {in_dir} has no chosen/rejected pair ({missing} of {total} rows lack "
             f"one); set pairs.missing=generate to write them or pairs.missing=skip to leave them out"
         )
-    writer = StageWriter(cfg.stage_dir(cfg.pairs.output, "pairs"), "pairs", cfg.hash())
-    writer.count_read(total)
-    stats = {"generated_rows": 0, "truncated_responses": 0}
-    passthrough = 0
-    if judged:  # every row is sampled and/or judged
-        stats = generate_missing(cfg, writer, in_dir, total, judged=True)
-    else:
-        passthrough = write_passthrough(writer, in_dir, batch_rows)
-    if missing and mode == "skip" and not judged:
-        writer.filter("no pair", missing)
-    elif missing and not judged:
-        stats = generate_missing(cfg, writer, in_dir, missing)
-    sampling = pair_sampling(cfg)
-    manifest = writer.close(
-        pairs={
-            "missing_mode": mode,
-            "passthrough": passthrough,
-            "missing": missing,
-            **stats,
-            "judges": judges,
-            "generator": None
-            if mode != "generate" and not judged
-            else {
-                "engine": cfg.generation.engine,
-                "model": cfg.model.name_or_path,
-                "sampling": dataclasses.asdict(sampling),
-                "policy": policy,
-                "chosen_model": cfg.pairs.chosen_model,
-                "rejected": cfg.pairs.rejected,
-                "samples": cfg.pairs.samples if cfg.pairs.rejected == "on_policy" else None,
-                "sample_temperature": cfg.pairs.sample_temperature if cfg.pairs.rejected == "on_policy" else None,
-            },
-        }
-    )
-    writer.check_budget(cfg.data.error_budget)
+    with StageWriter(cfg.stage_dir(cfg.pairs.output, "pairs"), "pairs", cfg.hash()) as writer:
+        writer.count_read(total)
+        stats = {"generated_rows": 0, "truncated_responses": 0}
+        passthrough = 0
+        if judged:  # every row is sampled and/or judged
+            stats = generate_missing(cfg, writer, in_dir, total, judged=True)
+        else:
+            passthrough = write_passthrough(writer, in_dir, batch_rows)
+        if missing and mode == "skip" and not judged:
+            writer.filter("no pair", missing)
+        elif missing and not judged:
+            stats = generate_missing(cfg, writer, in_dir, missing)
+        sampling = pair_sampling(cfg)
+        writer.check_budget(cfg.data.error_budget)  # before close: a failed run must not replace the previous output
+        manifest = writer.close(
+            pairs={
+                "missing_mode": mode,
+                "passthrough": passthrough,
+                "missing": missing,
+                **stats,
+                "judges": judges,
+                "generator": None
+                if mode != "generate" and not judged
+                else {
+                    "engine": cfg.generation.engine,
+                    "model": cfg.model.name_or_path,
+                    "sampling": dataclasses.asdict(sampling),
+                    "policy": policy,
+                    "chosen_model": cfg.pairs.chosen_model,
+                    "rejected": cfg.pairs.rejected,
+                    "samples": cfg.pairs.samples if cfg.pairs.rejected == "on_policy" else None,
+                    "sample_temperature": cfg.pairs.sample_temperature if cfg.pairs.rejected == "on_policy" else None,
+                },
+            }
+        )
     print(
         f"pairs: read {total}, passed through {passthrough}, generated {stats['generated_rows']}, "
         f"failed {sum(manifest['failed'].values())}, skipped {manifest['filtered'].get('no pair', 0)} -> {writer.dir}"

@@ -329,24 +329,26 @@ def run_score(cfg: Config) -> dict:
     plan = check_models(cfg)
     total = check_pairs(rows_dir)
 
-    writer = StageWriter(out_dir, "score", cfg.hash())
-    writer.count_read(total)
-    totals = {"truncated": 0, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0, "blocks": 0}
-    if total:
-        for table in _score_dataset(cfg, rows_dir, plan, total).iter_batches(batch_format="pyarrow", batch_size=None):
-            totals["blocks"] += 1
-            _summarise(table, totals)
-            writer.write_rows(table)
-    if writer.written != total:  # 1:1 stage: a difference is a bug, never silent loss
-        raise RuntimeError(f"score: read {total} rows but wrote {writer.written}")
-    manifest = writer.close(
-        scorer=plan["scorer"],
-        normalize=cfg.ama.normalize if plan["scorer"] else None,
-        ref_logps=plan["ref_model"] is not None,
-        max_length=cfg.model.max_length,
-        models={k: plan[k] for k in ("scorer_model", "scorer_ref_model", "ref_model")},  # which models scored
-        **totals,
-    )
+    with StageWriter(out_dir, "score", cfg.hash()) as writer:
+        writer.count_read(total)
+        totals = {"truncated": 0, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0, "blocks": 0}
+        if total:
+            for table in _score_dataset(cfg, rows_dir, plan, total).iter_batches(
+                batch_format="pyarrow", batch_size=None
+            ):
+                totals["blocks"] += 1
+                _summarise(table, totals)
+                writer.write_rows(table)
+        if writer.written != total:  # 1:1 stage: a difference is a bug, never silent loss
+            raise RuntimeError(f"score: read {total} rows but wrote {writer.written}")
+        manifest = writer.close(
+            scorer=plan["scorer"],
+            normalize=cfg.ama.normalize if plan["scorer"] else None,
+            ref_logps=plan["ref_model"] is not None,
+            max_length=cfg.model.max_length,
+            models={k: plan[k] for k in ("scorer_model", "scorer_ref_model", "ref_model")},  # which models scored
+            **totals,
+        )
     print(
         f"[score] {manifest['rows_written']} pairs -> {out_dir} (scores: {plan['scorer'] or 'none'}, "
         f"reference log-probs: {'yes' if plan['ref_model'] else 'no'}, truncated: {totals['truncated']})"

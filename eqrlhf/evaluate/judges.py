@@ -21,7 +21,6 @@ human-labelled JailbreakBench responses, so every evaluation can print them.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eqrlhf.atomic import write_json
 from eqrlhf.config import Config, SourceSection
 from eqrlhf.data.mix import sample_key
 from eqrlhf.data.readers import format_error
@@ -121,10 +121,7 @@ def save_refusal_head(head: RefusalHead, path: Path, extra: dict) -> None:
         "intercept": head.intercept,
         **extra,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)  # Tune trials may fit the head at once: a reader never sees half a file
+    write_json(path, doc, indent=1)  # Tune trials may fit the head at once: a reader never sees half a file
 
 
 def load_refusal_head(path: Path) -> tuple[RefusalHead, dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from eqrlhf import atomic
 from eqrlhf.errors import InputNotFound, tried
 from eqrlhf.evaluate.metrics import pareto_front
 
@@ -18,16 +19,11 @@ CATEGORY_BARS = "refusal_by_category.png"
 
 
 def write_json(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
-    tmp.replace(path)  # a reader (another trial's plot) never sees half a file
+    atomic.write_json(path, doc, indent=1, ensure_ascii=False)  # a reader (another trial's plot) never sees half a file
 
 
 def write_completions(path: Path, scored: list[dict]) -> None:
-    with open(path, "w") as fh:
-        for record in scored:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    atomic.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in scored))
 
 
 # -- the models to compare ------------------------------------------------------------------------
@@ -363,7 +359,7 @@ def write_outputs(cfg, doc: dict, scored: list[dict], out_dir: Path) -> None:
     docs = collect_evaluations(out_dir.parent, cfg.eval.compare)
     plot_safety_plane(docs, doc["tag"], out_dir / SAFETY_PLANE)
     plot_category_refusals(doc["metrics"], doc["tag"], out_dir / CATEGORY_BARS)
-    (out_dir / "report.md").write_text(markdown_report(doc, docs))
+    atomic.write_text(out_dir / "report.md", markdown_report(doc, docs))
 
 
 def summary_line(doc: dict, out_dir: Path) -> str:

@@ -7,21 +7,21 @@ AMA scores, the checkpoint to resume), then fits a ``TorchTrainer`` whose worker
 Output layout (``train.output``, default ``<run>/train``): ``metrics.jsonl``, ``tb/`` (TensorBoard),
 ``checkpoints/step_N/`` (see :mod:`eqrlhf.train.checkpoint`; Ray Train's run snapshot lives there too),
 ``final`` (a relative symlink to the newest checkpoint: a stable path for later stages' configs),
-``train_config.json`` and ``manifest.json``. Multi-node runs need this directory on shared storage.
+``train_config.json`` and ``manifest.json``. Multi-node runs need this directory on shared storage. A fresh run
+writes it as ``<output>.tmp-<pid>`` beside the previous one and renames it into place when training finished
+(``eqrlhf.train.driver.train_output``), so a failed or interrupted run leaves the previous output as it was.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
 from eqrlhf.algorithms.catalog import ama_on, loss_info
+from eqrlhf.atomic import write_json
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.score import training_input_dir
 from eqrlhf.errors import tried
-from eqrlhf.model_card import write_model_card
 from eqrlhf.restricted_config import whole_config_for_records
 from eqrlhf.tracking import training_plan
 from eqrlhf.train.batching import (
@@ -35,14 +35,15 @@ from eqrlhf.train.checkpoint import list_checkpoints, read_trainer_state
 from eqrlhf.train.deepspeed_config import global_batch_pairs
 from eqrlhf.train.driver import (
     CHECKPOINTS,
-    MANIFEST,
     check_settings,
     check_worker_resources,
-    link_final,
+    finish_manifest,
+    fit_interruptibly,
     read_placement,
     resume_checkpoint,
     scaling_config,
     train_dir,
+    train_output,
     worker_env,
 )
 from eqrlhf.train.metrics import METRICS_FILE, TB_DIR, read_metrics
@@ -164,25 +165,32 @@ def run_train(cfg: Config) -> dict:
         cfg = cfg.model_copy(update={"model": model})
     plan = prepare_train(cfg)
     out = Path(plan["train_dir"])
-    continues_own_output = cfg.train.resume and not cfg.train.resume_from
-    if not continues_own_output and out.exists():
-        # A stage output is rewritten whole; a stale Ray run snapshot left there would otherwise make
-        # Ray Train resume from that older run instead of starting fresh (or from train.resume_from).
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # written beside the previous output and swapped in at the end (see train_output); paths in the
+    # manifest name where the files will be
+    with train_output(cfg, out) as target:
+        plan["train_dir"] = str(target.path)
+        manifest = _train(cfg, plan, out, target)
+        target.commit()
+    print(summary_text(manifest), flush=True)
+    return manifest
+
+
+def _train(cfg: Config, plan: dict, out: Path, target) -> dict:
+    """Fit in ``target.path`` and write the manifest there (its paths name ``out``, where it will be)."""
+    work = target.path
     record = whole_config_for_records(cfg)  # the whole run's config, also where the stage holds part of it
     dump = record.model_dump(mode="json")  # one dump: train_config.json and the tracked run's params
-    (out / "train_config.json").write_text(json.dumps(dump, indent=2))
+    write_json(work / "train_config.json", dump)
     plan["tracking"] = training_plan(cfg, out, dump)  # MLflow / W&B run of rank 0; None when off
 
     from eqrlhf.ray_utils import init_ray
 
     init_ray()
     started = time.time()
-    result = build_trainer(cfg, plan).fit()
+    result = fit_interruptibly(build_trainer(cfg, plan))
     seconds = time.time() - started
-    history = read_metrics(out / METRICS_FILE)
-    checkpoints = [str(p) for p in list_checkpoints(out / CHECKPOINTS)]
+    history = read_metrics(work / METRICS_FILE)
+    checkpoints = [target.final_path(p) for p in list_checkpoints(work / CHECKPOINTS)]
     steps_run = plan["total_steps"] - plan["start_step"]
     manifest = {
         "stage": "train",
@@ -195,7 +203,7 @@ def run_train(cfg: Config) -> dict:
         "unused_rows_per_epoch": plan["unused_rows_per_epoch"],
         "num_workers": cfg.train.num_workers,
         "zero_stage": cfg.train.zero_stage,
-        "placement": {"trainer_nodes": read_placement(out)},  # Ray node id of each rank
+        "placement": {"trainer_nodes": read_placement(work)},  # Ray node id of each rank
         "start_step": plan["start_step"],
         "total_steps": plan["total_steps"],
         "steps_run": steps_run,
@@ -204,13 +212,8 @@ def run_train(cfg: Config) -> dict:
         "step_seconds_median": _median([row["time/step_s"] for row in history[-steps_run:]]),
         "final_metrics": history[-1] if history else dict(result.metrics or {}),
         "checkpoints": checkpoints,
-        "final_checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
+        "final_checkpoint": target.final_path(result.checkpoint.path) if result.checkpoint else None,
         "metrics_file": str(out / METRICS_FILE),
         "tensorboard": str(out / TB_DIR),
     }
-    manifest["final"] = link_final(out, manifest["final_checkpoint"])
-    if manifest["final"]:  # its model card: config, data mixture and licence (the pipeline adds the evaluation)
-        manifest["model_card"] = str(write_model_card(manifest["final"], record, train_manifest=manifest))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    print(summary_text(manifest), flush=True)
-    return manifest
+    return finish_manifest(manifest, result, record, target)

@@ -26,10 +26,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
+from eqrlhf.atomic import write_json
 from eqrlhf.errors import InputError, InputNotFound, tried
 
 STATE_FILE = "trainer_state.json"
@@ -73,9 +73,7 @@ def write_checkpoint_manifest(path: Path) -> None:
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
     entries = {str(p.relative_to(path)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    tmp = path / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps({"files": entries}, indent=1))
-    os.replace(tmp, path / MANIFEST_FILE)
+    write_json(path / MANIFEST_FILE, {"files": entries}, indent=1)
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -225,7 +223,7 @@ def save_training_checkpoint(
     engine.save_checkpoint(str(out_dir / DS_DIR), tag=DS_TAG)
     save_model_weights(engine, out_dir, tokenizer, rank)
     if rank == 0:
-        (out_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+        write_json(out_dir / STATE_FILE, state)
 
 
 class UnsafeCheckpointError(InputError):

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +85,59 @@ def start_worker(config: dict) -> Worker:
     setup_device(cfg.train)
     torch.manual_seed(cfg.run.seed)  # same initial weights (fresh heads, LoRA, critics) on every worker
     tokenizer = load_tokenizer(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file)
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):  # eqrlhf.train.driver.worker_env sets it
+        for lock in Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/lock"):
+            clear_stale_build_lock(lock.parent)
     # Ray Train has created the process group (gloo on CPU, NCCL on GPU): DeepSpeed wraps it instead of
-    # starting its own, now, so that ZeRO-3 loading already sees the real world size.
+    # starting its own, now, so that ZeRO-3 loading already sees the real world size. On CPU it builds (or
+    # finds built) its shared-memory op here.
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     worker = Worker(cfg, plan, ctx.get_world_rank(), ctx.get_world_size(), tokenizer)
     record_placement(worker)
     return worker
+
+
+def clear_stale_build_lock(folder: Path, min_age_s: float = 30, settle_s: float = 5) -> bool:
+    """Remove torch's lock file in the C++ op build folder ``folder`` when its builder is gone.
+
+    The process that builds an op (DeepSpeed's, through torch.utils.cpp_extension) holds ``folder/lock``
+    while ``ninja`` runs in ``folder``; every other process waits until the file is gone, without a limit. A
+    builder killed mid-build (Ctrl-C aborts a run's workers; a worker killed for any reason) leaves the file,
+    and every later run on the machine would wait forever. The file is stale when it is at least
+    ``min_age_s`` old and no ``ninja`` works in ``folder`` on this machine, checked twice ``settle_s`` apart
+    (a live builder runs ninja from a moment after taking the lock until a moment before releasing it).
+    Without /proc (not Linux) nothing is removed. Returns whether the file was removed."""
+    lock = folder / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if _ninja_builds_in(folder):
+            return False
+        if age >= min_age_s:
+            break
+        time.sleep(min(settle_s, min_age_s - age))
+    time.sleep(settle_s)
+    if not lock.exists() or _ninja_builds_in(folder):
+        return False
+    lock.unlink(missing_ok=True)
+    print(f"[train] removed {lock}: left by a build that no longer runs")
+    return True
+
+
+def _ninja_builds_in(folder: Path) -> bool:
+    if not Path("/proc").is_dir():
+        return True  # cannot tell: assume it does
+    target = os.path.realpath(folder)
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "ninja":
+                if os.path.realpath(os.readlink(entry / "cwd")) == target:
+                    return True
+        except OSError:  # gone, or another user's
+            continue
+    return False
 
 
 # ---- models -----------------------------------------------------------------------------------------------

@@ -3,11 +3,15 @@ which checkpoint a run resumes from, and how Ray Train places and configures its
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
+import threading
 from pathlib import Path
 
 from eqrlhf.algorithms.catalog import loss_info
+from eqrlhf.atomic import InPlaceDir, StagedDir, write_json
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.tracking import check_tracking
 from eqrlhf.train.checkpoint import newest_verified, read_trainer_state, verify_checkpoint
@@ -67,6 +71,7 @@ def worker_env() -> dict:
     # the driver twice, the progress bar's states included (a closed bar drawn again). Unpatched, print()
     # writes once to the worker's output, which Ray keeps in logs/worker-*.out and streams to the driver.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR") or torch_extensions_dir())
     return env
 
 
@@ -75,6 +80,20 @@ def worker_resources(train) -> dict[str, float]:
     GPUs, and the node labels in ``train.resources_per_worker``."""
     gpus = {"GPU": train.gpus_per_worker} if train.use_gpu else {}
     return {"CPU": train.cpus_per_worker, **gpus, **train.resources_per_worker}
+
+
+def torch_extensions_dir() -> str:
+    """Where the workers' DeepSpeed builds its C++ ops (the CPU shared-memory collective on every run), one
+    folder per Python environment. torch's default, ``~/.cache/torch_extensions/py311_cpu``, is shared by every
+    environment of the user: each one's headers make a different build, so a run from another environment (a
+    second clone, CI's fresh one) rebuilt the op there, 30-55 s on 2 cores and longer under load, and every
+    other run's worker waited on that build's lock file (torch waits on it without a limit) before it could
+    train. On the 2-core development machine deepspeed_shm_comm was built 26 times in 10 hours, alternating
+    between 7 different build commands (its .ninja_log). ``TORCH_EXTENSIONS_DIR`` set by the user wins."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    prefix = os.path.realpath(sys.prefix)
+    tag = hashlib.sha256(prefix.encode()).hexdigest()[:12]
+    return os.path.join(cache, "torch_extensions", f"eqrlhf-{os.path.basename(prefix)}-{tag}")
 
 
 def scaling_config(train):
@@ -133,3 +152,61 @@ def link_final(out: Path, checkpoint: str | None) -> str | None:
         final.unlink()
     final.symlink_to(os.path.relpath(checkpoint, out))
     return str(final)
+
+
+def train_output(cfg: Config, out: Path) -> StagedDir:
+    """Where a training run writes. A fresh run writes beside ``out`` (``<out>.tmp-<pid>``) and is swapped in
+    when it finishes, so the previous output stays until then; a failed run is kept as ``<out>.failed``, an
+    interrupted one as ``<out>.interrupted`` (``train.resume_from`` can continue one of its checkpoints). A run
+    continuing its own checkpoints (``train.resume`` without ``resume_from``) writes in ``out`` itself. A fresh
+    folder also keeps a stale Ray run snapshot away: Ray Train would resume that older run."""
+    if cfg.train.resume and not cfg.train.resume_from:
+        return InPlaceDir(out)
+    return StagedDir(out, keep_interrupted=True)
+
+
+def fit_interruptibly(trainer):
+    """``trainer.fit()``, with Ctrl-C stopping the run's workers and raising KeyboardInterrupt here.
+
+    On the main thread Ray Train installs its own SIGINT handler: it aborts the run, then exits the process
+    with status 0 (or lets fit raise that its controller died), and stays installed after fit returns. Here
+    the trainer hands over its controller instead (``_register_sigint_handler``, which Ray calls only on the
+    main thread), so Ctrl-C raises KeyboardInterrupt and this function aborts the run the way Ray's handler
+    would, before the caller moves the run's folder away."""
+    import signal
+
+    controllers: list = []
+    trainer._register_sigint_handler = controllers.append
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler in the driver exits)
+        for controller in controllers:
+            _abort(controller)
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)  # a Ray Train that installed its handler after all
+
+
+def _abort(controller) -> None:
+    """Stop a Ray Train run: its controller shuts the workers down (killing them after a few seconds)."""
+    import ray
+
+    try:
+        ray.get(controller.abort.remote(), timeout=60)
+    except Exception:  # noqa: BLE001 - the controller exits as it aborts (RayActorError), or is gone already
+        pass
+
+
+def finish_manifest(manifest: dict, result, record, target: StagedDir) -> dict:
+    """The ``final`` link, the model card and, last, ``manifest.json`` in ``target.path``; the manifest's
+    paths name where the files will be once ``target`` is committed."""
+    from eqrlhf.model_card import write_model_card
+
+    final = link_final(target.path, str(result.checkpoint.path) if result.checkpoint else None)
+    manifest["final"] = target.final_path(final) if final else None
+    if final:  # its model card: config, data mixture and licence (the pipeline adds the evaluation)
+        manifest["model_card"] = target.final_path(write_model_card(final, record, train_manifest=manifest))
+    write_json(target.path / MANIFEST, manifest)
+    return manifest

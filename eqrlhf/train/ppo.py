@@ -16,25 +16,25 @@ state, ``critic/`` and ``cost_critic/`` as ScalarHeadLM dirs plus ``critic_deeps
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from eqrlhf.algorithms.catalog import ONLINE, ama_on, loss_info
+from eqrlhf.atomic import write_json
 from eqrlhf.config import Config, ConfigError
-from eqrlhf.model_card import write_model_card
 from eqrlhf.restricted_config import whole_config_for_records
 from eqrlhf.tracking import check_tracking, training_plan
 from eqrlhf.train.batching import TrainInputError
 from eqrlhf.train.driver import (
     CHECKPOINTS,
-    MANIFEST,
     check_worker_resources,
-    link_final,
+    finish_manifest,
+    fit_interruptibly,
     read_placement,
     resume_checkpoint,
     scaling_config,
     train_dir,
+    train_output,
     worker_env,
 )
 
@@ -261,18 +261,26 @@ def summary_text(manifest: dict) -> str:
 
 def run_ppo(cfg: Config, pool=None) -> dict:
     """Validate, start the engine pool (unless ``pool`` is given), train, write ``manifest.json``."""
+    plan = prepare_ppo(cfg)
+    out = Path(plan["train_dir"])
+    # written beside the previous output and swapped in at the end, as offline training (train_output)
+    with train_output(cfg, out) as target:
+        plan["train_dir"] = str(target.path)
+        manifest = _run_ppo(cfg, plan, out, target, pool)
+        target.commit()
+    print(summary_text(manifest), flush=True)
+    return manifest
+
+
+def _run_ppo(cfg: Config, plan: dict, out: Path, target, pool) -> dict:
     from eqrlhf.ray_utils import init_ray
     from eqrlhf.train.checkpoint import list_checkpoints
     from eqrlhf.train.metrics import METRICS_FILE, read_metrics
 
-    plan = prepare_ppo(cfg)
-    out = Path(plan["train_dir"])
-    if not (cfg.train.resume and not cfg.train.resume_from) and out.exists():
-        shutil.rmtree(out)  # a stale Ray run snapshot here would make Ray Train resume it (see run_train)
-    out.mkdir(parents=True, exist_ok=True)
+    work = target.path
     record = whole_config_for_records(cfg)  # the whole run's config, also where the stage holds part of it
     dump = record.model_dump(mode="json")  # one dump: train_config.json and the tracked run's params
-    (out / "train_config.json").write_text(json.dumps(dump, indent=2))
+    write_json(work / "train_config.json", dump)
     plan["tracking"] = training_plan(cfg, out, dump)  # MLflow / W&B run of rank 0; None when off
     init_ray()
     owned = pool is None
@@ -285,12 +293,12 @@ def run_ppo(cfg: Config, pool=None) -> dict:
         pool = EnginePool(cfg)
     engine_nodes = list(pool.node_ids)  # read now: an owned pool is gone after the run
     try:
-        result = build_ppo_trainer(cfg, plan, pool).fit()
+        result = fit_interruptibly(build_ppo_trainer(cfg, plan, pool))
     finally:
         if owned:
             pool.shutdown()
     seconds = time.time() - started
-    history = read_metrics(out / METRICS_FILE)
+    history = read_metrics(work / METRICS_FILE)
     manifest = {
         "stage": "train",
         "config_hash": plan["config_hash"],
@@ -307,20 +315,15 @@ def run_ppo(cfg: Config, pool=None) -> dict:
         "zero_stage": cfg.train.zero_stage,
         "engine": cfg.generation.engine,
         "engines": cfg.rollout.num_engines,
-        "placement": {"trainer_nodes": read_placement(out), "engine_nodes": engine_nodes},  # Ray node ids
+        "placement": {"trainer_nodes": read_placement(work), "engine_nodes": engine_nodes},  # Ray node ids
         "start_iteration": plan["start_iteration"],
         "total_iterations": plan["total_iterations"],
         "iterations_run": plan["total_iterations"] - plan["start_iteration"],
         "seconds": round(seconds, 3),
         "history": history,
         "final_metrics": history[-1] if history else dict(result.metrics or {}),
-        "checkpoints": [str(p) for p in list_checkpoints(out / CHECKPOINTS)],
-        "final_checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
+        "checkpoints": [target.final_path(p) for p in list_checkpoints(work / CHECKPOINTS)],
+        "final_checkpoint": target.final_path(result.checkpoint.path) if result.checkpoint else None,
         "metrics_file": str(out / METRICS_FILE),
     }
-    manifest["final"] = link_final(out, manifest["final_checkpoint"])
-    if manifest["final"]:  # its model card: config, data mixture and licence (the pipeline adds the evaluation)
-        manifest["model_card"] = str(write_model_card(manifest["final"], record, train_manifest=manifest))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    print(summary_text(manifest), flush=True)
-    return manifest
+    return finish_manifest(manifest, result, record, target)

@@ -8,9 +8,9 @@ checkpoint) and takes part in the front; a failed trial is listed with its error
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
+from eqrlhf.atomic import write_json
 from eqrlhf.config import Config
 from eqrlhf.tune.space import DIRECTIONS
 
@@ -184,5 +184,5 @@ def write_results(cfg: Config, root: Path, rows: list[dict], seconds: float, res
         f"[sweep] {cfg.sweep.name}: {len(rows)} trial(s) {counts} in {seconds:.0f}s; "
         f"Pareto front: {front_text or 'none'}\n[sweep] table {root / 'results.md'}, plot {root / PLOT}"
     )
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_json(root / "manifest.json", manifest, indent=1)
     return manifest

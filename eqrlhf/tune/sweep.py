@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from eqrlhf.algorithms.catalog import ama_on
+from eqrlhf.atomic import write_json
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.tracking import check_tracking, tune_callbacks, untracked
 from eqrlhf.tune.space import (
@@ -225,9 +226,7 @@ def run_sweep(cfg: Config) -> dict:
     init_ray()
     concurrency = max_concurrent(cfg, ray.cluster_resources())
     restore = check_resumable(cfg, root)
-    (root / SWEEP_CONFIG).write_text(
-        json.dumps({"sweep_hash": sweep_hash(cfg), **cfg.model_dump(mode="json")}, indent=1)
-    )
+    write_json(root / SWEEP_CONFIG, {"sweep_hash": sweep_hash(cfg), **cfg.model_dump(mode="json")}, indent=1)
     shared = prepare_shared(untracked(cfg), root)
     print(f"[sweep] {cfg.sweep.name}: {cfg.sweep.num_samples} trial(s), up to {concurrency} at once -> {root}")
     started = time.time()
