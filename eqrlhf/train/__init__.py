@@ -21,7 +21,6 @@ from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.score import training_input_dir
 from eqrlhf.errors import tried
-from eqrlhf.model_card import write_model_card
 from eqrlhf.restricted_config import whole_config_for_records
 from eqrlhf.tracking import training_plan
 from eqrlhf.train.batching import (
@@ -35,9 +34,8 @@ from eqrlhf.train.checkpoint import list_checkpoints, read_trainer_state
 from eqrlhf.train.deepspeed_config import global_batch_pairs
 from eqrlhf.train.driver import (
     CHECKPOINTS,
-    MANIFEST,
     check_settings,
-    link_final,
+    finish_manifest,
     resume_checkpoint,
     scaling_config,
     train_dir,
@@ -204,9 +202,6 @@ def run_train(cfg: Config) -> dict:
         "metrics_file": str(out / METRICS_FILE),
         "tensorboard": str(out / TB_DIR),
     }
-    manifest["final"] = link_final(out, manifest["final_checkpoint"])
-    if manifest["final"]:  # its model card: config, data mixture and licence (the pipeline adds the evaluation)
-        manifest["model_card"] = str(write_model_card(manifest["final"], record, train_manifest=manifest))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    finish_manifest(out, manifest, record)
     print(summary_text(manifest), flush=True)
     return manifest

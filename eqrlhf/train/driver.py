@@ -3,6 +3,7 @@ which checkpoint a run resumes from, and how Ray Train places and configures its
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -75,6 +76,18 @@ def scaling_config(train):
 
     resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if train.use_gpu else {})}
     return ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker=resources)
+
+
+def finish_manifest(out: Path, manifest: dict, record) -> dict:
+    """The ``final`` link, its model card (config, data mixture and licence; the pipeline adds the evaluation)
+    and ``<train dir>/manifest.json``: the end of a DPO-family and a PPO run alike."""
+    from eqrlhf.model_card import write_model_card
+
+    manifest["final"] = link_final(out, manifest["final_checkpoint"])
+    if manifest["final"]:
+        manifest["model_card"] = str(write_model_card(manifest["final"], record, train_manifest=manifest))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
 
 
 def link_final(out: Path, checkpoint: str | None) -> str | None:

@@ -22,14 +22,12 @@ from pathlib import Path
 
 from eqrlhf.algorithms.catalog import ONLINE, ama_on, loss_info
 from eqrlhf.config import Config, ConfigError
-from eqrlhf.model_card import write_model_card
 from eqrlhf.restricted_config import whole_config_for_records
 from eqrlhf.tracking import check_tracking, training_plan
 from eqrlhf.train.batching import TrainInputError
 from eqrlhf.train.driver import (
     CHECKPOINTS,
-    MANIFEST,
-    link_final,
+    finish_manifest,
     resume_checkpoint,
     scaling_config,
     train_dir,
@@ -313,9 +311,6 @@ def run_ppo(cfg: Config, pool=None) -> dict:
         "final_checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
         "metrics_file": str(out / METRICS_FILE),
     }
-    manifest["final"] = link_final(out, manifest["final_checkpoint"])
-    if manifest["final"]:  # its model card: config, data mixture and licence (the pipeline adds the evaluation)
-        manifest["model_card"] = str(write_model_card(manifest["final"], record, train_manifest=manifest))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    finish_manifest(out, manifest, record)
     print(summary_text(manifest), flush=True)
     return manifest
