@@ -85,9 +85,10 @@ def stop_leftovers(ray_tmp: str) -> None:
             pass
 
 
-def run_scenario(name: str, workdir: Path, timeout_s: float) -> dict:
-    """Run scenario ``name`` in a child process with a cluster of its own; its result, or an AssertionError
-    carrying the end of the child's log."""
+def run_scenario(name: str, workdir: Path, timeout_s: float, script: str | Path = __file__) -> dict:
+    """Run scenario ``name`` of ``script`` (this file, or another whose ``__main__`` calls :func:`child_main`
+    with its scenarios) in a child process with a cluster of its own; its result, or an AssertionError carrying
+    the end of the child's log."""
     ray_tmp = tempfile.mkdtemp(prefix="eqmn", dir="/tmp")  # short: Ray's unix sockets live under it
     env = {
         **os.environ,
@@ -100,7 +101,7 @@ def run_scenario(name: str, workdir: Path, timeout_s: float) -> dict:
     try:
         with open(log, "w") as out:
             child = subprocess.Popen(
-                [sys.executable, __file__, name, str(workdir)],
+                [sys.executable, str(script), name, str(workdir)],
                 env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
             try:
@@ -311,9 +312,9 @@ def scenario_engine_node_loss(workdir: Path) -> dict:
     import ray
 
     from eqrlhf.config import from_dict
+    from eqrlhf.fault_markers import MARKERS_ENV
     from eqrlhf.models.loading import load_causal_lm
     from eqrlhf.rollout.base import Sampling
-    from eqrlhf.rollout.engine_actor import MARKERS_ENV
     from eqrlhf.rollout.pool import EnginePool
 
     markers = workdir / "markers"
@@ -349,12 +350,9 @@ def scenario_engine_node_loss(workdir: Path) -> dict:
             thread.start()
             deadline, hit = time.time() + 120, None
             while hit is None and time.time() < deadline:
-                for path in set(markers.iterdir()) - seen:
-                    try:
-                        marker = json.loads(path.read_text())
-                    except json.JSONDecodeError:  # still being written: read again on the next round
-                        continue
+                for path in set(markers.glob("generate-*.json")) - seen:
                     seen.add(path)
+                    marker = json.loads(path.read_text())  # written whole (renamed into place)
                     hit = marker if marker["node_id"] == victim else hit
                 time.sleep(0.02)
             assert hit is not None, "engine 0 never started its chunk"
@@ -386,14 +384,15 @@ def scenario_engine_node_loss(workdir: Path) -> dict:
 SCENARIOS = {"placement": scenario_placement, "engine_node_loss": scenario_engine_node_loss}
 
 
-def main() -> None:
+def child_main(scenarios: dict) -> None:
+    """The child process: run scenario ``argv[1]`` in folder ``argv[2]`` and write its result.json."""
     name, workdir = sys.argv[1], Path(sys.argv[2])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    result = SCENARIOS[name](workdir)
+    result = scenarios[name](workdir)
     result["scenario_s"] = time.perf_counter() - started
     (workdir / "result.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    child_main(SCENARIOS)

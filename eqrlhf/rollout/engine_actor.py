@@ -6,29 +6,14 @@ buckets that arrive packed through the object store, as CUDA bucket handles, or 
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from pathlib import Path
 
 import ray
 import torch
 
+from eqrlhf.fault_markers import mark
 from eqrlhf.rollout.base import Completion, Conversation, Sampling
 from eqrlhf.rollout.weight_sync import join_weight_group, open_cuda_bucket, receive_bucket, unpack_bucket
-
-# Test hook for node loss: with $EQRLHF_TEST_ENGINE_MARKERS set to a directory, every generate call first
-# writes a marker file there naming its node, process and prompt count, so a test that removes a node can
-# prove that the engine on it was serving prompts when the node went.
-MARKERS_ENV = "EQRLHF_TEST_ENGINE_MARKERS"
-
-
-def _mark_generate(prompts: int) -> None:
-    folder = os.environ.get(MARKERS_ENV)
-    if folder:
-        node = ray.get_runtime_context().get_node_id()
-        marker = Path(folder) / f"generate-{node}-{os.getpid()}-{time.time_ns()}.json"
-        marker.write_text(json.dumps({"node_id": node, "pid": os.getpid(), "prompts": prompts, "time": time.time()}))
 
 
 class EngineActor:
@@ -48,7 +33,7 @@ class EngineActor:
         self.engine = make_engine(cfg, model_path, cpu_bind=bind)
 
     def generate(self, prompts: list[Conversation], sampling: Sampling) -> list[Completion]:
-        _mark_generate(len(prompts))
+        mark("generate", prompts=len(prompts))  # a node-loss test's proof (eqrlhf.fault_markers)
         return self.engine.generate(prompts, sampling)
 
     def begin_weight_update(self) -> None:
