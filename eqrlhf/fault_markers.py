@@ -28,6 +28,9 @@ def mark(place: str, **info) -> None:
     import ray
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    # a callable value is called only here, with markers on: a hot loop passes ``ids=lambda: ...`` and pays
+    # for the id list only in tests
+    info = {key: value() if callable(value) else value for key, value in info.items()}
     record = {"place": place, "node_id": node, "pid": os.getpid(), "time": time.time(), **info}
     name = f"{place}-{node}-{os.getpid()}-{time.time_ns()}.json"
     tmp = Path(folder) / f".{name}.tmp"

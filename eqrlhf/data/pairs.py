@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from eqrlhf.config import CATEGORIES, ConfigError
 from eqrlhf.data.schema import ROW_SCHEMA
+from eqrlhf.fault_markers import mark
 from eqrlhf.manifest import StageWriter, rows_path
 from eqrlhf.rollout import check_engine
 from eqrlhf.rollout.base import Sampling
@@ -179,6 +180,7 @@ class PairGenerator:
         self.sampling = pair_sampling(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        mark("pairs", ids=lambda: batch.column("id").to_pylist())  # node-loss tests: proof this node held these rows
         rows = fill_missing(batch.to_pylist(), self.engine, self.policy, self.sampling)
         return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
 
@@ -241,6 +243,7 @@ class JudgedPairBuilder:
         self.sampling = pair_sampling(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        mark("pairs", ids=lambda: batch.column("id").to_pylist())  # node-loss tests (eqrlhf.fault_markers)
         rows = judged_rows(
             batch.to_pylist(), self.engine, self.judge, self.policy, self.sampling, self.pairs, self.chosen_engine
         )

