@@ -7,8 +7,10 @@ work was running on that node when it went, and afterwards that the work was red
 
 With ``$EQRLHF_TEST_HOLD`` set to a place name as well, the first process in the whole cluster that marks that
 place stops there (sleeps up to ``$EQRLHF_TEST_HOLD_S`` seconds, default 600) after writing its marker, so the
-test can remove its node mid-work instead of racing it; a ``held-<place>`` file created atomically decides
-which process holds, so the retried work goes through. Unset (always, outside tests), both cost one lookup.
+test can remove its node mid-work instead of racing it; a ``held-<hold>`` file created atomically decides
+which process holds, so the retried work goes through. ``<place>@<step>`` holds only the call whose ``step``
+is that step (training marks every step at one place, and a test wants the kill at a chosen one). Unset
+(always, outside tests), both cost one lookup.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ def mark(place: str, **info) -> None:
     tmp = Path(folder) / f".{name}.tmp"
     tmp.write_text(json.dumps(record))
     tmp.rename(Path(folder) / name)  # whole or absent: a reader polling the folder never sees half a file
-    if os.environ.get(HOLD_ENV) == place:
+    hold = os.environ.get(HOLD_ENV)
+    if hold and hold in (place, f"{place}@{info.get('step')}"):
         try:
-            fd = os.open(Path(folder) / f"held-{place}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(Path(folder) / f"held-{hold}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return  # someone held here already: the redone work goes through
         os.write(fd, name.encode())

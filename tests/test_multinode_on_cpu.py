@@ -5,8 +5,11 @@ actor) and checked against the role of the node they name."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from multinode_cluster import run_scenario  # tests/ is on sys.path under pytest's default import mode
+from multinode_train import HOLD_STEP
 
 
 def test_placement_config_keys_refuse_ray_builtin_names():
@@ -84,3 +87,65 @@ def test_engine_node_lost_mid_rollout_its_prompts_go_to_the_survivor_on_cpu(tmp_
     [survivor] = result["health"]
     assert survivor["slot"] == 1 and survivor["node_id"] != removed["node_id"] and survivor["restarts"] == 0
     assert result["gap_after_update"] < 1e-4  # the survivor alone took the next weight update
+
+
+def _committed(markers: list[dict], first_pids: set[int], cut: int) -> dict[tuple[int, int], dict]:
+    """(step, rank) -> the marker of the update that survives into the final checkpoint: steps up to the
+    checkpoint ``cut`` the restart continued from come from the first attempt, later ones from the last."""
+    committed = {}
+    for m in markers:  # oldest first: a redone step's later marker wins
+        if m["step"] <= cut and m["pid"] not in first_pids:
+            continue
+        committed[(m["step"], m["rank"])] = m
+    return committed
+
+
+# Four raylets and two 6-step DPO runs of 2 workers (the reference, then the faulted one with its restart), at
+# nice 19 on the shared 2-core machine: 157 s under a load average of 6-8 (reference 34 s, faulted run 93 s, of
+# which 30 s from the node's removal to the restarted workers' step 4) and 672 s under 9-16. Its idle time is
+# not measured, so like the placement test it stays out of CI's budget.
+@pytest.mark.slow
+def test_trainer_node_lost_mid_training_restarts_on_the_spare_node_on_cpu(tmp_path):
+    """A 2-worker DPO run (ZeRO-2, gloo) on two of three trainer nodes; the node of the rank that finished
+    step 5's update first is removed while that rank holds there. Ray Train restarts both workers on the
+    survivor and the spare from checkpoint step_3, and the run ends as the uninterrupted one did."""
+    script = Path(__file__).with_name("multinode_train.py")
+    result = run_scenario("trainer_node_loss", tmp_path, timeout_s=1500, script=script)
+    roles, removed, hit = result["roles"], result["removed"], result["marker"]
+    faulted, reference = result["faulted"], result["reference"]
+    # the hit: the removed node's worker had finished step 5's update (its marker) before the node went
+    assert hit["node_id"] == removed["node_id"] and hit["step"] == HOLD_STEP and hit["time"] < removed["at"]
+    assert removed["role"].startswith("trainer")
+    markers = faulted["markers"]
+    first = {m["pid"] for m in markers if m["step"] == 1}  # the first attempt's two workers
+    later = {m["pid"] for m in markers} - first
+    assert len(first) == 2 and hit["pid"] in first
+    # the restart: a second pair of worker processes (restart count 1), world size 2 again, on two trainer
+    # nodes without the removed one, which continued from step_3 (their first marker is step 4)
+    assert len(later) == 2 and faulted["restarts"] == 1, markers
+    assert min(m["step"] for m in markers if m["pid"] in later) == 4
+    before = {m["rank"]: m["node_id"] for m in markers if m["pid"] in first}
+    after = result["placement"]["after"]
+    assert len(after) == 2 and len(set(after)) == 2 and removed["node_id"] not in after
+    assert all(roles[node].startswith("trainer") for node in after)
+    assert removed["node_id"] in before.values() and set(after) != set(before.values())
+    assert {m["node_id"] for m in markers if m["pid"] in later} == set(after)
+    # the committed trajectory equals the uninterrupted one; metrics.jsonl holds each step once
+    mine = {row["step"]: row["loss"] for row in faulted["steps"]}
+    ref = {row["step"]: row["loss"] for row in reference["steps"]}
+    assert [row["step"] for row in faulted["steps"]] == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert mine[step] == pytest.approx(ref[step], abs=1e-5), (step, mine, ref)
+    assert faulted["checkpoints"] == ["step_3", "step_6"] and faulted["start_step"] == 0
+    # sample ids: the committed updates read each pair once per epoch (16 pairs, 4 steps an epoch), the same
+    # ids on the same rank at the same step as the uninterrupted run
+    committed = _committed(markers, first, cut=3)
+    uninterrupted = {(m["step"], m["rank"]): m for m in reference["markers"]}
+    assert sorted(committed) == sorted(uninterrupted) == [(s, r) for s in range(1, 7) for r in (0, 1)]
+    assert all((m["pid"] in later) == (m["step"] > 3) for m in committed.values())  # 4-6 by the restart
+    for key, m in committed.items():
+        assert m["ids"] == uninterrupted[key]["ids"], key
+    for steps in (range(1, 5), range(5, 7)):
+        seen = [i for s in steps for r in (0, 1) for i in committed[(s, r)]["ids"]]
+        assert len(seen) == len(set(seen)) == 4 * len(steps)
+    assert len({i for m in committed.values() if m["step"] <= 4 for i in m["ids"]}) == 16

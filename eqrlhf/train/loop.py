@@ -9,10 +9,12 @@ accumulate, clip and step.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from eqrlhf.algorithms.ama import ama_mask
@@ -20,6 +22,7 @@ from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.algorithms.logprobs import masked_sum, shift_for_causal_lm
 from eqrlhf.algorithms.losses import LossInputs, compute_loss
 from eqrlhf.config import Config
+from eqrlhf.fault_markers import MARKERS_ENV, mark
 from eqrlhf.train.batching import PairSource, collate, read_columns, step_rows, worker_micro_batches
 from eqrlhf.train.core import Worker, build_policy, build_reference, restore, run_steps, start_worker, train_engine
 from eqrlhf.train.policy_forward import forward_plan, sequence_logps
@@ -201,6 +204,9 @@ class OfflineSteps:
         started = time.perf_counter()
         metrics = optimizer_step(self.engine, self.reference, batches, self.spec, train.grad_accum)
         metrics["time/step_s"] = time.perf_counter() - started
+        if os.environ.get(MARKERS_ENV):  # node-loss tests: this rank's update of step+1 is done, on these rows
+            ids = self.source.table.column("id").take(np.concatenate(micro)).to_pylist()
+            mark("train_step", step=step + 1, rank=self.worker.rank, ids=ids)
         return metrics
 
     def finish(self, done: int, metrics: dict[str, float]) -> dict[str, float]:
