@@ -39,7 +39,7 @@ def check_exactly_once(result: dict) -> None:
     assert result["errors.jsonl"] == [] and result["unparsed.jsonl"] == []
 
 
-# Four raylets and 600 rows, this test at nice 19 on the shared 2-core machine: 22-31 s with a load average of
+# Four raylets and 600 rows: 13 s on the idle 2-core machine; at nice 19, 22-31 s with a load average of
 # ~5, 40 s at ~9, 101-147 s at ~13-21 (another test suite running). Runs in CI.
 def test_categorize_node_lost_mid_task_every_row_written_once_on_cpu(tmp_path):
     """categorize (labels) reads and labels one shard per task on three data nodes; the node of the first task
@@ -52,7 +52,7 @@ def test_categorize_node_lost_mid_task_every_row_written_once_on_cpu(tmp_path):
 
 
 # Four raylets, two HF engine actors (and a third started after the loss) loading torch and a tiny model,
-# this test at nice 19 on the shared 2-core machine: 60 s with a load average of ~5, 97-148 s at ~9-10,
+# 35 s on the idle 2-core machine; at nice 19, 60 s with a load average of ~5, 97-148 s at ~9-10,
 # 216-262 s at ~12-19.
 # Runs in CI.
 def test_pairs_node_lost_mid_generation_every_row_written_once_on_cpu(tmp_path):
