@@ -288,6 +288,15 @@ def load_resume_state(plan: dict, load) -> dict | None:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        # A worker group restarted after a node was lost can start without Ray Train's latest checkpoint (Ray
+        # 2.60, 2 of 6 runs of the node-loss test: the restart got none although both ranks had reported step_3
+        # and it verified; without this it began again at step 1). Every checkpoint in this run's own folder is
+        # from this run: a fresh run writes into a new folder, and train.resume's is the one resume_from is in.
+        own, _ = newest_verified(Path(plan["train_dir"]) / "checkpoints")
+        if own is not None and (not plan["resume_from"] or own.resolve() != Path(plan["resume_from"]).resolve()):
+            print(f"[train] continuing from {own}: this run's newest verified checkpoint", flush=True)
+            return load(own)
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
             reason = verify_checkpoint(Path(path))
