@@ -304,6 +304,38 @@ def scenario_placement(workdir: Path) -> dict:
         cluster.shutdown()
 
 
+def stalled_sync(pool, model: Path, prompt) -> dict:
+    """A weight update while engine 0 (on its own node) is busy with one long chunk: with a 0.5 s
+    ``rollout.sync_timeout_s`` it fails fast naming the engine; the busy call still returns every sample (engine
+    0 restarted on its node with the new weights and asked again). The weights are the ones already loaded."""
+    import threading
+
+    from eqrlhf.models.loading import load_causal_lm
+    from eqrlhf.rollout.base import Sampling
+
+    state = load_causal_lm(str(model)).state_dict()
+    restarts, box = list(pool.restarts), {}
+    busy = threading.Thread(target=lambda: box.update(done=pool.generate([prompt], Sampling(max_new_tokens=48, n=40))))
+    busy.start()
+    time.sleep(0.5)
+    pool.cfg.rollout.sync_timeout_s, error, clock = 0.5, None, time.perf_counter()
+    try:
+        pool.update_weights(state.items())
+    except TimeoutError as err:
+        error = str(err)
+    failed_after = time.perf_counter() - clock
+    pool.cfg.rollout.sync_timeout_s = 120
+    busy.join(timeout=300)
+    return {
+        "error": error,
+        "failed_after_s": failed_after,
+        "busy_answers": len(box.get("done", [])),
+        "restarts_before": restarts,
+        "restarts_after": list(pool.restarts),
+        "nodes_after": list(pool.node_ids),
+    }
+
+
 def scenario_engine_node_loss(workdir: Path) -> dict:
     """Two engines on two engine nodes; the node of engine 0 is removed while it serves its chunk: its prompts
     go to engine 1 and every prompt is answered once, as the uninterrupted call answered it."""
@@ -336,6 +368,7 @@ def scenario_engine_node_loss(workdir: Path) -> dict:
         with EnginePool(cfg) as pool:
             engine_roles = [roles[node] for node in pool.node_ids]
             expected = [c.token_ids for c in pool.generate(prompts, sampling)]
+            stalled = stalled_sync(pool, model, prompts[0])
             victim = pool.node_ids[0]
             seen = set(markers.iterdir())
             box = {}
@@ -368,6 +401,7 @@ def scenario_engine_node_loss(workdir: Path) -> dict:
             gap_after_update = engine_gap(pool, model1)
         return {
             "engine_roles": engine_roles,
+            "stalled_sync": stalled,
             "removed": {"node_id": victim, "role": roles[victim], "at": removed_at},
             "marker": hit,
             "prompt_indices": [c.prompt_index for c in completions],

@@ -75,11 +75,19 @@ def test_ppo_trainer_on_two_nodes_syncs_an_engine_on_a_third_on_cpu(tmp_path):
 # Three raylets, two engines, four generate calls: 24-29 s on the idle 2-core machine (243 s at nice 19 under a
 # load average of ~10). Runs in CI.
 def test_engine_node_lost_mid_rollout_its_prompts_go_to_the_survivor_on_cpu(tmp_path):
-    """Engine 0's node is removed (raylet, object store, the engine's process) right after engine 0 wrote
-    its marker for this call: its chunk is re-issued to engine 1, which then serves both slots."""
+    """A stalled weight update across nodes, then engine 0's node is removed (raylet, object store, the engine's
+    process) right after engine 0 wrote its marker for a call: its chunk is re-issued to engine 1, which then
+    serves both slots."""
     result = run_scenario("engine_node_loss", tmp_path, timeout_s=600)
     removed = result["removed"]
     assert sorted(result["engine_roles"]) == ["engine0", "engine1"]  # one engine per engine node
+    # first, a weight update from the head while engine 0 is busy on its node: it fails fast, naming engine 0,
+    # which is restarted (on its node, with the update) and answers its whole chunk
+    stalled = result["stalled_sync"]
+    assert "engine(s) [0] did not finish within rollout.sync_timeout_s=0.5" in (stalled["error"] or ""), stalled
+    assert stalled["failed_after_s"] < 15 and stalled["busy_answers"] == 40
+    assert stalled["restarts_after"] == [stalled["restarts_before"][0] + 1, stalled["restarts_before"][1]]
+    assert len(set(stalled["nodes_after"])) == 2  # still one engine on each engine node
     # proof of a hit: the engine on the removed node had started serving this very call before the node went
     assert result["marker"]["node_id"] == removed["node_id"] and result["marker"]["time"] < removed["at"]
     assert result["reissued"] == [1, 0]  # engine 0's chunk was handed to engine 1, once
