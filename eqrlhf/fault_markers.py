@@ -53,3 +53,11 @@ def read_markers(folder: Path, place: str | None = None) -> list[dict]:
     """The markers in ``folder`` (of ``place`` only, when given), oldest first."""
     found = [json.loads(p.read_text()) for p in Path(folder).glob("*.json") if not p.name.startswith(".")]
     return sorted((m for m in found if place is None or m["place"] == place), key=lambda m: m["time"])
+
+
+def held_marker(folder: Path, hold: str) -> dict | None:
+    """The marker of the process that holds at ``hold`` (the value of ``$EQRLHF_TEST_HOLD``), or None while
+    nobody does: the holder creates ``held-<hold>`` first, then writes its marker's name into it."""
+    held = Path(folder) / f"held-{hold}"
+    name = held.read_text() if held.is_file() else ""
+    return json.loads((Path(folder) / name).read_text()) if name else None

@@ -38,13 +38,12 @@ def hold_here(place: str, workdir: Path) -> Path:
 
 def remove_held_node(markers: Path, place: str, cluster, nodes: dict, roles: dict, box: dict) -> None:
     """Watcher thread: wait for the held marker of ``place``, then remove the node that wrote it."""
-    held = markers / f"held-{place}"
+    from eqrlhf.fault_markers import held_marker
+
     deadline = time.time() + 300
     while time.time() < deadline:
-        # the holder creates the file, then writes its marker's name into it
-        name = held.read_text() if held.is_file() else ""
-        if name:
-            marker = json.loads((markers / name).read_text())
+        marker = held_marker(markers, place)
+        if marker:
             box["marker"] = marker
             box["removed"] = {"node_id": marker["node_id"], "role": roles[marker["node_id"]], "at": time.time()}
             cluster.remove_node(nodes[roles[marker["node_id"]]])
@@ -53,8 +52,22 @@ def remove_held_node(markers: Path, place: str, cluster, nodes: dict, roles: dic
     box["watch_error"] = f"no batch of {place} was held within 300 s"
 
 
-def run_with_node_loss(place: str, markers: Path, cluster, nodes, roles, stage) -> dict:
-    """Run ``stage()`` here (the driver, on the head) while the watcher removes the held node."""
+def run_with_node_loss(place: str, markers: Path, stage) -> dict:
+    """Start the data cluster, run ``stage()`` here (the driver, on the head) while the watcher removes the
+    held node, and stop the cluster."""
+    import ray
+
+    cluster, nodes, roles = start_cluster(DATA_LAYOUT, head_cpus=0)
+    try:
+        return _run_while_watching(place, markers, cluster, nodes, roles, stage)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _run_while_watching(place: str, markers: Path, cluster, nodes, roles, stage) -> dict:
+    import ray
+
     from eqrlhf.fault_markers import read_markers
 
     box: dict = {}
@@ -66,8 +79,6 @@ def run_with_node_loss(place: str, markers: Path, cluster, nodes, roles, stage) 
     stage_s = time.perf_counter() - started
     watcher.join(timeout=10)
     assert "marker" in box, box.get("watch_error", "the watcher did not finish")
-    import ray
-
     alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}  # as Ray's GCS sees the cluster now
     return {
         "roles": roles,
@@ -147,14 +158,7 @@ def scenario_data_node_loss_categorize(workdir: Path) -> dict:
             },
         }
     )
-    import ray
-
-    cluster, nodes, roles = start_cluster(DATA_LAYOUT, head_cpus=0)
-    try:
-        result = run_with_node_loss("categorize", markers, cluster, nodes, roles, lambda: run_categorize(cfg))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    result = run_with_node_loss("categorize", markers, lambda: run_categorize(cfg))
     return {"input_ids": input_ids, **result, **stage_outputs(out_dir)}
 
 
@@ -208,14 +212,7 @@ def scenario_data_node_loss_pairs(workdir: Path) -> dict:
             "pairs": {"input": str(workdir / "mixture"), "output": str(out_dir), "missing": "generate"},
         }
     )
-    import ray
-
-    cluster, nodes, roles = start_cluster(DATA_LAYOUT, head_cpus=0)
-    try:
-        result = run_with_node_loss("pairs", markers, cluster, nodes, roles, lambda: run_pairs(cfg))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    result = run_with_node_loss("pairs", markers, lambda: run_pairs(cfg))
     return {"input_ids": input_ids, "generated_ids": input_ids[COMPLETE_ROWS:], **result, **stage_outputs(out_dir)}
 
 

@@ -50,7 +50,7 @@ def scenario_trainer_node_loss(workdir: Path) -> dict:
     from test_train_on_cpu import make_model_dir, pair_rows, train_config, write_stage
 
     from eqrlhf.data.schema import rows_to_table
-    from eqrlhf.fault_markers import HOLD_ENV, HOLD_S_ENV, MARKERS_ENV
+    from eqrlhf.fault_markers import HOLD_ENV, HOLD_S_ENV, MARKERS_ENV, held_marker
     from eqrlhf.train import run_train
 
     model = make_model_dir(workdir / "model")
@@ -82,14 +82,11 @@ def scenario_trainer_node_loss(workdir: Path) -> dict:
         clock = time.perf_counter()
         thread = threading.Thread(target=train)
         thread.start()
-        held = markers / f"held-train_step@{HOLD_STEP}"
-        deadline = time.time() + 600
-        while not held.exists() and thread.is_alive() and time.time() < deadline:
+        deadline, hit = time.time() + 600, None
+        while hit is None and thread.is_alive() and time.time() < deadline:
+            hit = held_marker(markers, f"train_step@{HOLD_STEP}")
             time.sleep(0.05)
-        assert held.exists(), box.get("error", f"no worker reached step {HOLD_STEP}")
-        while not held.read_text():  # the holder writes its marker's name into the file just after creating it
-            time.sleep(0.05)
-        hit = json.loads((markers / held.read_text()).read_text())
+        assert hit is not None, box.get("error", f"no worker reached step {HOLD_STEP}")
         victim = hit["node_id"]
         removed_at = time.time()
         cluster.remove_node(nodes[roles[victim]])  # raylet, object store and the held worker: gone
