@@ -169,7 +169,7 @@ def known_limits(facts: RunFacts, licences: list[dict]) -> list[str]:
     cfg, limits = facts.cfg, []
     if any(s["bundled"] for s in licences):
         limits.append(
-            "Trained on the bundled demo corpus (320 prompts written for the project): it shows the method; it "
+            "Trained on the bundled demo corpus (460 prompts written for the project): it shows the method; it "
             "does not make a model safe to deploy."
         )
     if facts.evaluation:
