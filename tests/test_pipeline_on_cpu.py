@@ -202,7 +202,7 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
     assert report["model_card"] == str((run / "train" / "final").resolve() / "README.md")
     card = ModelCard.load(run / "train" / "final" / "README.md")
     assert card.data.license == "apache-2.0" and card.data.datasets == ["demo"] and "ama-dpo" in card.data.tags
-    assert "| category | categorized | mixture | pairs | trained on |" in card.text and "| EHD | 80 | 3 |" in card.text
+    assert "| category | categorized | mixture | pairs | trained on |" in card.text and "| EHD | 120 | 3 |" in card.text
     assert (
         "| harmful compliance (lower is better) |" in card.text and "| metric | this model | base model |" in card.text
     )
