@@ -169,8 +169,8 @@ def known_limits(facts: RunFacts, licences: list[dict]) -> list[str]:
     cfg, limits = facts.cfg, []
     if any(s["bundled"] for s in licences):
         limits.append(
-            "Trained on the bundled demo corpus (460 prompts written for the project): it shows the method; it "
-            "does not make a model safe to deploy."
+            "Trained on the bundled demo corpus (prompts written for the project; their counts are in the data "
+            "table above): it shows the method; it does not make a model safe to deploy."
         )
     if facts.evaluation:
         head = facts.evaluation["trained"].get("headline", {})

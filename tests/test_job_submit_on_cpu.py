@@ -203,7 +203,8 @@ def test_pipeline_job_trains_on_two_worker_nodes_through_the_job_api(token_head,
     categorized = json.loads((run / "categorized" / "manifest.json").read_text())
     mixture = json.loads((run / "mixture" / "manifest.json").read_text())
     pairs = json.loads((run / "pairs" / "manifest.json").read_text())
-    assert categorized["rows_written"] == 460  # the whole demo corpus, each row categorized
+    demo_rows = len((REPO / "eqrlhf" / "data" / "demo_corpus.jsonl").read_text().splitlines())
+    assert categorized["rows_written"] == demo_rows  # the whole demo corpus, each row categorized
     assert mixture["rows_written"] == 20  # 5 + 3 + 2 safety rows and as many general rows
     # pairs.missing=skip: rows the mix picked without a source pair are counted, not dropped silently
     assert pairs["rows_written"] + pairs["filtered"].get("no pair", 0) == 20
