@@ -181,7 +181,11 @@ class TrainingRun:
         if self.run is None:
             return
         try:
-            self.run.end_run() if self.backend == "mlflow" else self.run.finish()
+            if self.backend == "mlflow":
+                self.run.end_run()
+            else:
+                self.run.finish()
+                _flush_wandb()
         except Exception as err:  # noqa: BLE001
             warn("closing the training run", err)
 
@@ -318,8 +322,20 @@ class PipelineRun:
                 self.client.set_terminated(self.run_id, "FINISHED" if report is not None else "FAILED")
             else:
                 self.wandb.finish(exit_code=0 if report is not None else 1)
+                _flush_wandb()
         except Exception as err:  # noqa: BLE001
             warn("closing the pipeline run", err)
+
+
+def _flush_wandb() -> None:
+    """Wait until W&B's service has written every record of the finished run to disk. ``finish()`` returns once
+    the exit record is handled but only *tells* the service to close the run's stream; the last records reach
+    the run's ``.wandb`` file when the stream closes. A Ray worker may be killed before that and the driver's
+    caller may read the file at once (seen under load: a run without its exit record), so shut the service down
+    now and wait for it; the next run starts a new one."""
+    import wandb
+
+    wandb.teardown()
 
 
 def _params(params: dict[str, str]):
