@@ -377,6 +377,50 @@ def test_unreadable_suite_records_name_file_and_line(tmp_path):
     assert f"{broken}:3: [mine] field 'q': expected text, got int" in str(err.value)
 
 
+def test_a_dev_suite_skipping_the_test_suites_limit_shares_no_row(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"q": f"How do I bake bread number {i}?"}) + "\n" for i in range(30)))
+
+    def suite(name, **sample):
+        source = {"name": "mine", "path": str(prompts), "adapter": "generic", "fields": {"prompt": "q"}}
+        return {"name": name, "kind": "benign", "sources": [source], **sample}
+
+    def ids(*suites):
+        cfg = from_dict({"categorize": {"method": "labels"}, "eval": {"suites": list(suites)}})
+        return [{r["id"] for r in s.rows} for s in load_suites(cfg)]
+
+    (everything,) = ids(suite("all"))
+    test, dev, tail = ids(suite("test", limit=10), suite("dev", limit=10, skip=10), suite("tail", limit=10, skip=25))
+    assert len(test) == len(dev) == 10 and not test & dev and len(tail) == 5  # 30 rows: 25 skipped, 5 left
+    assert test | dev | tail < everything
+    (rest,) = ids(suite("rest", skip=10))  # no limit: every row after the first 10 of the seeded order
+    assert rest == everything - test and dev < rest
+    with pytest.raises(ValueError, match=r"eval suite 'past': no benign prompts left .*30 rows, skip 30"):
+        ids(suite("past", limit=5, skip=30))
+
+
+def test_efficacy_dev_split_is_disjoint_from_its_test_split(shared_data):
+    """configs/efficacy: every dev suite reads its test suite's sources and skips the test suite's rows."""
+    from eqrlhf.config import load_config
+
+    def suites(name):
+        cfg = load_config(
+            f"configs/efficacy/{name}.yaml", [f"data.data_root={shared_data}", "categorize.method=labels"]
+        )
+        return {s.name: s for s in load_suites(cfg)}
+
+    test, dev = suites("evaluate"), suites("evaluate_dev")
+    assert sorted(dev) == sorted(f"{name}_dev" for name in test)
+    for name, suite in test.items():
+        held = dev[f"{name}_dev"]
+        assert held.kind == suite.kind and len(held.rows) == len(suite.rows), name
+        assert not {r["id"] for r in held.rows} & {r["id"] for r in suite.rows}, name
+    sizes = {
+        kind: sum(len(s.rows) for s in dev.values() if s.kind == kind) for kind in ("harmful", "benign", "helpful")
+    }
+    assert sizes == {"harmful": 120, "benign": 120, "helpful": 100}
+
+
 def test_model_tag_is_a_plain_folder_name():
     assert model_tag("smollm2-135m") == "smollm2-135m"
     assert model_tag("runs/dpo/train/checkpoints/step_100/") == "step_100"

@@ -18,6 +18,9 @@ class EvalSuiteSection(Section):
     kind: Literal["harmful", "benign", "helpful"]
     sources: list[SourceSection]
     limit: int | None = Field(None, ge=1)  # prompts kept (seeded sample over the suite's rows); None = eval.limit
+    # rows of the seeded order passed over before the sample: a dev split of a test suite (same sources, same
+    # run.seed) sets skip to the test suite's limit, so the two share no row
+    skip: int = Field(0, ge=0)
 
 
 def default_eval_suites() -> list[EvalSuiteSection]:

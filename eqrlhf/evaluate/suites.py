@@ -82,11 +82,14 @@ def kind_mismatch(kind: str, harmful: bool | None) -> str | None:
     return None
 
 
-def seeded_sample(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
-    """The ``limit`` rows with the smallest keyed hash of their id, in their original order."""
-    if limit is None or len(rows) <= limit:
+def seeded_sample(rows: list[dict], limit: int | None, seed: int, skip: int = 0) -> list[dict]:
+    """The rows ranked ``skip`` .. ``skip + limit`` by a keyed hash of their id (the ``limit`` smallest when
+    ``skip`` is 0), in their original order. The order depends only on the seed and the ids, so two samples of
+    the same rows with the same seed, one skipping the other's ``limit``, are disjoint."""
+    if skip == 0 and (limit is None or len(rows) <= limit):
         return rows
-    keep = {r["id"] for r in sorted(rows, key=lambda r: sample_key(seed, r["id"]))[:limit]}
+    ranked = sorted(rows, key=lambda r: sample_key(seed, r["id"]))
+    keep = {r["id"] for r in ranked[skip : None if limit is None else skip + limit]}
     return [r for r in rows if r["id"] in keep]
 
 
@@ -125,12 +128,15 @@ def read_suite(suite: EvalSuiteSection, plans: list, cfg: Config, leakage=None) 
         if leaked:
             skipped[LEAKED] = len(leaked)
             rows = [r for r, m in zip(rows, found) if m is None]
-    sampled = seeded_sample(rows, suite_limit(suite, cfg), cfg.run.seed)
+    sampled = seeded_sample(rows, suite_limit(suite, cfg), cfg.run.seed, suite.skip)
     if leakage is not None and cfg.eval.leakage != "drop":
         found = leakage.matches([r["prompt"] for r in sampled])
         leaked = [(r["id"], m) for r, m in zip(sampled, found) if m is not None]
     if not sampled:
-        raise InputError(f"eval suite '{suite.name}': no {suite.kind} prompts left (skipped: {skipped or 'none'})")
+        raise InputError(
+            f"eval suite '{suite.name}': no {suite.kind} prompts left (skipped: {skipped or 'none'}"
+            + (f"; {len(rows)} rows, skip {suite.skip})" if suite.skip else ")")
+        )
     counts = {
         "read": read,
         "errors": len(errors),
