@@ -16,6 +16,7 @@ from eqrlhf.config import ConfigError, from_dict
 from eqrlhf.data.schema import Limits, make_row, rows_to_table
 from eqrlhf.data.score import check_pairs, run_score, zscore
 from eqrlhf.data.tokenize import encode_pair
+from eqrlhf.evaluate.metrics import wilson
 from eqrlhf.manifest import StageWriter, read_rows
 from eqrlhf.models.heads import ScalarHeadLM
 from eqrlhf.models.loading import load_causal_lm, load_tokenizer, tiny_llama
@@ -112,6 +113,7 @@ def test_reward_prefix_scores_and_reference_logprobs(ray_local, tmp_path, models
     assert manifest["truncated"] == sum(e["truncated"] for e in expected.values()) == 1
     assert manifest["chosen_tokens"] == sum(len(e["chosen_ids"]) for e in expected.values())
     assert manifest["scorer"] == "reward_prefix" and manifest["ref_logps"] is True
+    agrees = 0
 
     out = by_id(read_rows(cfg.run.dir / "scored"))
     rm = ScalarHeadLM.load(paths["rm"]).eval()
@@ -132,6 +134,10 @@ def test_reward_prefix_scores_and_reference_logprobs(ray_local, tmp_path, models
             direct = direct_logprobs(ref, enc["prompt_ids"], ids)
             np.testing.assert_allclose(row[f"ref_{side}_logps"], direct, atol=1e-4)
             assert max(row[f"ref_{side}_logps"]) < 0  # log-probs of a 49k vocabulary under a random model
+        # the pair's ranking: the reward after the whole answer, chosen vs rejected
+        assert row["scorer_prefers_chosen"] == (row["chosen_scores"][-1] > row["rejected_scores"][-1])
+        agrees += row["scorer_prefers_chosen"]
+    assert manifest["scorer_accuracy"] == {"rate": agrees / 4, "count": agrees, "n": 4, "ci95": list(wilson(agrees, 4))}
 
 
 def test_dpo_implicit_scores_are_zscored_beta_logratios(ray_local, tmp_path, models):
@@ -155,15 +161,21 @@ def test_dpo_implicit_scores_are_zscored_beta_logratios(ray_local, tmp_path, mod
     out = by_id(read_rows(cfg.run.dir / "scored"))
     assert "ref_chosen_logps" not in next(iter(out.values()))
     policy, ref = load_causal_lm(str(paths["policy"])).eval(), load_causal_lm(str(paths["base"])).eval()
+    agrees = 0
     for row in rows:
         enc = encode_pair(tok, row, MAX_LENGTH)
+        whole = {}
         for side in ("chosen", "rejected"):
             ids = enc[f"{side}_ids"]
             raw = 0.5 * (direct_logprobs(policy, enc["prompt_ids"], ids) - direct_logprobs(ref, enc["prompt_ids"], ids))
+            whole[side] = raw.sum()  # the pair's implicit reward, ranked before z-scoring
             scores = np.array(out[row["id"]][f"{side}_scores"])
             assert len(scores) == len(ids)
             np.testing.assert_allclose(scores, (raw - raw.mean()) / raw.std(), atol=2e-3)
             assert abs(scores.mean()) < 1e-5 and scores.std() == pytest.approx(1.0, abs=1e-4)
+        assert out[row["id"]]["scorer_prefers_chosen"] == (whole["chosen"] > whole["rejected"])
+        agrees += whole["chosen"] > whole["rejected"]
+    assert manifest["scorer_accuracy"]["count"] == agrees and manifest["scorer_accuracy"]["n"] == 8
 
 
 def test_negated_cost_model_zscored_and_ids_only_run(ray_local, tmp_path, models):
@@ -176,6 +188,7 @@ def test_negated_cost_model_zscored_and_ids_only_run(ray_local, tmp_path, models
     run_score(cost)
     manifest = run_score(ids_only)
     assert manifest["rows_written"] == 4 and manifest["scorer"] is None and manifest["ref_logps"] is False
+    assert manifest["scorer_accuracy"] is None  # nothing scored, nothing ranked
 
     out = by_id(read_rows(cost.run.dir / "scored"))
     rm = ScalarHeadLM.load(paths["rm"]).eval()
@@ -186,7 +199,7 @@ def test_negated_cost_model_zscored_and_ids_only_run(ray_local, tmp_path, models
             raw = rm(torch.tensor([prompt + ids]))[0, len(prompt) :].numpy()
         np.testing.assert_allclose(out[row["id"]]["rejected_scores"], zscore(-raw), atol=1e-3)
     ids_table = read_rows(ids_only.run.dir / "scored")
-    assert "chosen_scores" not in ids_table.column_names and "ref_chosen_logps" not in ids_table.column_names
+    assert not {"chosen_scores", "ref_chosen_logps", "scorer_prefers_chosen"} & set(ids_table.column_names)
     ids_rows = by_id(ids_table)
     for row in rows:
         enc = encode_pair(tok, row, MAX_LENGTH)

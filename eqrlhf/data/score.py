@@ -28,6 +28,7 @@ from eqrlhf.algorithms.catalog import ama_on, loss_info
 from eqrlhf.config import Config, ConfigError
 from eqrlhf.data.schema import ROW_SCHEMA
 from eqrlhf.errors import InputError, InputNotFound
+from eqrlhf.evaluate.metrics import rate
 from eqrlhf.manifest import StageWriter, rows_path
 
 REQUIRED_COLUMNS = ("id", "prompt", "history", "chosen", "rejected")
@@ -273,19 +274,22 @@ class ScorePairs:
             self.policy, self.policy_ref = lm(scorer_model), lm(scorer_ref_model)
         self.ref = lm(ref_model, ref_gguf_file) if ref_model else None
 
-    def _scores(self, prompts, responses) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """Token scores, and the dpo_implicit policy's log-probs (None for reward_prefix)."""
+    def _scores(self, prompts, responses) -> tuple[list[np.ndarray], list[float], list[np.ndarray] | None]:
+        """Token scores, each response's whole score (the reward at its last token, or the summed implicit
+        reward), and the dpo_implicit policy's log-probs (None for reward_prefix)."""
         pol = None
         if self.scorer == "reward_prefix":
             raw = prefix_scores(self.head, prompts, responses)
             raw = [-s for s in raw] if self.negate else raw
+            whole = [float(s[-1]) if len(s) else 0.0 for s in raw]
         else:
             pol, ref = (
                 response_logprobs(self.policy, prompts, responses),
                 response_logprobs(self.policy_ref, prompts, responses),
             )
             raw = [self.beta * (a - b) for a, b in zip(pol, ref)]
-        return ([zscore(s) for s in raw] if self.normalize == "zscore" else raw), pol
+            whole = [float(s.sum()) for s in raw]
+        return ([zscore(s) for s in raw] if self.normalize == "zscore" else raw), whole, pol
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -300,9 +304,12 @@ class ScorePairs:
         both_prompts, both_responses = prompts + prompts, chosen + rejected  # one forward for chosen and rejected
         policy_logps = None
         if self.scorer:
-            scores, policy_logps = self._scores(both_prompts, both_responses)
+            scores, whole, policy_logps = self._scores(both_prompts, both_responses)
             batch = batch.append_column("chosen_scores", pa.array(scores[:n], type=FLOATS))
             batch = batch.append_column("rejected_scores", pa.array(scores[n:], type=FLOATS))
+            # does the scorer rank the pair as its labels do? (the manifest's scorer_accuracy)
+            prefers = [c > r for c, r in zip(whole[:n], whole[n:])]
+            batch = batch.append_column("scorer_prefers_chosen", pa.array(prefers, type=pa.bool_()))
         if self.ref is not None:
             # a warm start is both the dpo_implicit policy and DPO's reference: one forward serves both
             same = policy_logps is not None and self.ref is self.policy
@@ -317,6 +324,8 @@ class ScorePairs:
 
 def _summarise(table: pa.Table, totals: dict) -> None:
     totals["truncated"] += pc.sum(table.column("truncated").cast(pa.int64())).as_py() or 0
+    if "scorer_prefers_chosen" in table.column_names:
+        totals["scorer_agrees"] += pc.sum(table.column("scorer_prefers_chosen").cast(pa.int64())).as_py() or 0
     for name in ("prompt", "chosen", "rejected"):
         totals[f"{name}_tokens"] += pc.sum(pc.list_value_length(table.column(f"{name}_ids"))).as_py() or 0
 
@@ -332,6 +341,7 @@ def run_score(cfg: Config) -> dict:
     with StageWriter(out_dir, "score", cfg.hash()) as writer:
         writer.count_read(total)
         totals = {"truncated": 0, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0, "blocks": 0}
+        totals["scorer_agrees"] = 0
         if total:
             for table in _score_dataset(cfg, rows_dir, plan, total).iter_batches(
                 batch_format="pyarrow", batch_size=None
@@ -341,13 +351,24 @@ def run_score(cfg: Config) -> dict:
                 writer.write_rows(table)
         if writer.written != total:  # 1:1 stage: a difference is a bug, never silent loss
             raise RuntimeError(f"score: read {total} rows but wrote {writer.written}")
+        agrees = totals.pop("scorer_agrees")
         manifest = writer.close(
             scorer=plan["scorer"],
+            # pairs whose chosen answer the scorer scores higher as a whole: its accuracy on these pairs, held
+            # out when the scorer was not trained on them (a warm start, or a reward model fitted elsewhere)
+            scorer_accuracy=rate(agrees, total) if plan["scorer"] else None,
             normalize=cfg.ama.normalize if plan["scorer"] else None,
             ref_logps=plan["ref_model"] is not None,
             max_length=cfg.model.max_length,
             models={k: plan[k] for k in ("scorer_model", "scorer_ref_model", "ref_model")},  # which models scored
             **totals,
+        )
+    accuracy = manifest["scorer_accuracy"]
+    if accuracy and accuracy["n"]:
+        lo, hi = accuracy["ci95"]
+        print(
+            f"[score] the scorer ranks chosen over rejected in {accuracy['count']} of {accuracy['n']} pairs "
+            f"({accuracy['rate']:.3f} [{lo:.3f}, {hi:.3f}]; 0.5 is chance)"
         )
     print(
         f"[score] {manifest['rows_written']} pairs -> {out_dir} (scores: {plan['scorer'] or 'none'}, "
