@@ -235,7 +235,9 @@ def _stage_result(name: str, manifest: dict) -> str:
         loss = (manifest.get("final_metrics") or {}).get("loss")
         return f"{manifest['steps_run']} steps" + (f", final loss {loss:.4f}" if loss is not None else "")
     if "rows_written" in manifest:  # the data stages
-        return f"{manifest['rows_written']} rows written"
+        accuracy = manifest.get("scorer_accuracy")  # the score stage: how well its scorer ranks the pairs
+        ranked = f", scorer ranks {accuracy['rate']:.0%} of pairs right" if accuracy and accuracy["n"] else ""
+        return f"{manifest['rows_written']} rows written{ranked}"
     return ""
 
 

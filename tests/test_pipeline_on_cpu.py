@@ -181,6 +181,8 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
     assert sum(c["samples"] for c in judged.values()) == 2 * sampled["rows_read"]
     # DPO's reference is the warm start; the token scores compare the warm start with the base
     assert scored["models"] == {"scorer_model": warm, "scorer_ref_model": str(model), "ref_model": warm}
+    accuracy = scored["scorer_accuracy"]  # the warm start's implicit reward, ranking every pair
+    assert accuracy["n"] == scored["rows_written"] and 0 <= accuracy["count"] <= accuracy["n"]
     ev = report["evaluate"]
     assert ev["base"]["model"] == str(model) and ev["trained"]["model"].endswith("train/final")
     for entry in (ev["base"], ev["trained"]):
@@ -195,6 +197,7 @@ def test_whole_pipeline_with_a_tiny_model_reports_before_and_after(tmp_path, ray
     assert "report: " + str(run / "report.md") in shown and "harmful compliance" in shown
     # each number with its interval and count, and the paired test on the same prompts
     assert "  base     " in shown and "  trained  " in shown and "/2)" in shown and "paired p=" in shown
+    assert f"scorer ranks {accuracy['rate']:.0%} of pairs right" in shown
     # model cards: every final checkpoint gets one from the train stage; the trained model's is rewritten
     # with its evaluation at the end (and does not make the rerun below re-run a stage)
     from huggingface_hub import ModelCard

@@ -23,6 +23,15 @@ evaluate() {  # evaluate <arm> <model> <config files that trained it...>
   cp $R/eval/$arm/{eval.json,completions.jsonl,report.md} $C/evaluate.yaml "$@" $out/
 }
 
+evaluate_dev() {  # evaluate_dev <arm> <model> <config files that trained it...>: the dev split, for choosing
+  local arm=$1 model=$2 out=docs/results/efficacy/dev/$1
+  shift 2
+  done_if $R/eval_dev/$arm/eval.json || $E evaluate -c $C/evaluate_dev.yaml eval.model=$model eval.tag=$arm \
+    > $R/logs/evaldev_$arm.log 2>&1
+  mkdir -p $out
+  cp $R/eval_dev/$arm/{eval.json,completions.jsonl,report.md} $C/evaluate_dev.yaml "$@" $out/
+}
+
 step "SFT arm: categorize, mix 300 + 300, fine-tune"
 done_if $R/categorized/manifest.json || $E categorize -c $C/sft.yaml > $R/logs/categorize.log 2>&1
 done_if $R/mixture_sft/manifest.json || $E mix -c $C/sft.yaml > $R/logs/mix_sft.log 2>&1
@@ -45,4 +54,12 @@ done_if $R/mixture_onpolicy/manifest.json || $E mix -c $C/pairs_onpolicy.yaml > 
 done_if $R/pairs_onpolicy/manifest.json || $E pairs -c $C/pairs_onpolicy.yaml > $R/logs/pairs_onpolicy.log 2>&1
 done_if $R/dpo_onpolicy/final/config.json || $E train -c $C/dpo_onpolicy.yaml > $R/logs/dpo_onpolicy.log 2>&1
 evaluate sft_dpo_onpolicy $R/dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/dpo_onpolicy.yaml
+step "dev split: base, SFT; AMA-DPO and DPO on the second recipe's pairs (same pairs, same budget)"
+evaluate_dev base smollm2-135m
+evaluate_dev sft $R/sft/final $C/sft.yaml
+done_if $R/scored_onpolicy/manifest.json || $E score -c $C/ama_dpo_onpolicy.yaml > $R/logs/score_onpolicy.log 2>&1
+done_if $R/ama_dpo_onpolicy/final/config.json || $E train -c $C/ama_dpo_onpolicy.yaml \
+  > $R/logs/ama_dpo_onpolicy.log 2>&1
+evaluate_dev sft_ama_dpo_onpolicy $R/ama_dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/ama_dpo_onpolicy.yaml
+evaluate_dev sft_dpo_onpolicy $R/dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/dpo_onpolicy.yaml
 step finished
