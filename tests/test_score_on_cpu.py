@@ -16,7 +16,7 @@ from eqrlhf.config import ConfigError, from_dict
 from eqrlhf.data.schema import Limits, make_row, rows_to_table
 from eqrlhf.data.score import check_pairs, run_score, zscore
 from eqrlhf.data.tokenize import encode_pair
-from eqrlhf.evaluate.metrics import wilson
+from eqrlhf.evaluate.metrics import rate, wilson
 from eqrlhf.manifest import StageWriter, read_rows
 from eqrlhf.models.heads import ScalarHeadLM
 from eqrlhf.models.loading import load_causal_lm, load_tokenizer, tiny_llama
@@ -75,6 +75,7 @@ def write_pairs(cfg, rows=None):
             )
     for i, row in enumerate(rows):
         row["file"], row["line"] = "pairs.jsonl", i + 1
+        row["category"] = row["category"] or ("EHD" if i % 2 else None)  # None: a pair without a category
     writer = StageWriter(cfg.run.dir / "pairs", "pairs", "test")
     writer.count_read(len(rows))
     writer.write_rows(rows_to_table(rows))
@@ -113,7 +114,7 @@ def test_reward_prefix_scores_and_reference_logprobs(ray_local, tmp_path, models
     assert manifest["truncated"] == sum(e["truncated"] for e in expected.values()) == 1
     assert manifest["chosen_tokens"] == sum(len(e["chosen_ids"]) for e in expected.values())
     assert manifest["scorer"] == "reward_prefix" and manifest["ref_logps"] is True
-    agrees = 0
+    agrees, by_category = 0, {"EHD": [0, 0], "none": [0, 0]}
 
     out = by_id(read_rows(cfg.run.dir / "scored"))
     rm = ScalarHeadLM.load(paths["rm"]).eval()
@@ -137,7 +138,11 @@ def test_reward_prefix_scores_and_reference_logprobs(ray_local, tmp_path, models
         # the pair's ranking: the reward after the whole answer, chosen vs rejected
         assert row["scorer_prefers_chosen"] == (row["chosen_scores"][-1] > row["rejected_scores"][-1])
         agrees += row["scorer_prefers_chosen"]
+        tally = by_category[row["category"] or "none"]
+        tally[0], tally[1] = tally[0] + row["scorer_prefers_chosen"], tally[1] + 1
     assert manifest["scorer_accuracy"] == {"rate": agrees / 4, "count": agrees, "n": 4, "ci95": list(wilson(agrees, 4))}
+    assert manifest["scorer_accuracy_by_category"] == {c: rate(k, n) for c, (k, n) in by_category.items()}
+    assert by_category["EHD"][1] == 2
 
 
 def test_dpo_implicit_scores_are_zscored_beta_logratios(ray_local, tmp_path, models):
@@ -188,7 +193,7 @@ def test_negated_cost_model_zscored_and_ids_only_run(ray_local, tmp_path, models
     run_score(cost)
     manifest = run_score(ids_only)
     assert manifest["rows_written"] == 4 and manifest["scorer"] is None and manifest["ref_logps"] is False
-    assert manifest["scorer_accuracy"] is None  # nothing scored, nothing ranked
+    assert manifest["scorer_accuracy"] is None is manifest["scorer_accuracy_by_category"]  # nothing ranked
 
     out = by_id(read_rows(cost.run.dir / "scored"))
     rm = ScalarHeadLM.load(paths["rm"]).eval()

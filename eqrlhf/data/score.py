@@ -324,8 +324,11 @@ class ScorePairs:
 
 def _summarise(table: pa.Table, totals: dict) -> None:
     totals["truncated"] += pc.sum(table.column("truncated").cast(pa.int64())).as_py() or 0
-    if "scorer_prefers_chosen" in table.column_names:
-        totals["scorer_agrees"] += pc.sum(table.column("scorer_prefers_chosen").cast(pa.int64())).as_py() or 0
+    if "scorer_prefers_chosen" in table.column_names:  # per category: a scorer can be right on one kind only
+        right = table.column("scorer_prefers_chosen").to_pylist()
+        for category, ok in zip(table.column("category").to_pylist(), right):
+            tally = totals["ranked"].setdefault(category or "none", [0, 0])
+            tally[0], tally[1] = tally[0] + ok, tally[1] + 1
     for name in ("prompt", "chosen", "rejected"):
         totals[f"{name}_tokens"] += pc.sum(pc.list_value_length(table.column(f"{name}_ids"))).as_py() or 0
 
@@ -341,7 +344,7 @@ def run_score(cfg: Config) -> dict:
     with StageWriter(out_dir, "score", cfg.hash()) as writer:
         writer.count_read(total)
         totals = {"truncated": 0, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0, "blocks": 0}
-        totals["scorer_agrees"] = 0
+        totals["ranked"] = {}  # category -> [pairs the scorer ranks as labelled, pairs]
         if total:
             for table in _score_dataset(cfg, rows_dir, plan, total).iter_batches(
                 batch_format="pyarrow", batch_size=None
@@ -351,12 +354,13 @@ def run_score(cfg: Config) -> dict:
                 writer.write_rows(table)
         if writer.written != total:  # 1:1 stage: a difference is a bug, never silent loss
             raise RuntimeError(f"score: read {total} rows but wrote {writer.written}")
-        agrees = totals.pop("scorer_agrees")
+        ranked = totals.pop("ranked")
         manifest = writer.close(
             scorer=plan["scorer"],
             # pairs whose chosen answer the scorer scores higher as a whole: its accuracy on these pairs, held
             # out when the scorer was not trained on them (a warm start, or a reward model fitted elsewhere)
-            scorer_accuracy=rate(agrees, total) if plan["scorer"] else None,
+            scorer_accuracy=rate(sum(k for k, _ in ranked.values()), total) if plan["scorer"] else None,
+            scorer_accuracy_by_category={c: rate(k, n) for c, (k, n) in sorted(ranked.items())} or None,
             normalize=cfg.ama.normalize if plan["scorer"] else None,
             ref_logps=plan["ref_model"] is not None,
             max_length=cfg.model.max_length,
@@ -366,9 +370,10 @@ def run_score(cfg: Config) -> dict:
     accuracy = manifest["scorer_accuracy"]
     if accuracy and accuracy["n"]:
         lo, hi = accuracy["ci95"]
+        each = ", ".join(f"{c} {a['count']}/{a['n']}" for c, a in manifest["scorer_accuracy_by_category"].items())
         print(
             f"[score] the scorer ranks chosen over rejected in {accuracy['count']} of {accuracy['n']} pairs "
-            f"({accuracy['rate']:.3f} [{lo:.3f}, {hi:.3f}]; 0.5 is chance)"
+            f"({accuracy['rate']:.3f} [{lo:.3f}, {hi:.3f}]; 0.5 is chance; {each})"
         )
     print(
         f"[score] {manifest['rows_written']} pairs -> {out_dir} (scores: {plan['scorer'] or 'none'}, "
