@@ -96,6 +96,25 @@ def test_ama_mask_fallback_and_metrics():
     assert mask.dtype == torch.float32 and mask.shape == scores.shape
 
 
+def test_rows_with_flat_scores_keep_their_whole_answer_under_every_rule():
+    """ama.categories writes zeros for the pairs it leaves out; every rule must then train their whole answers
+    (plain DPO on them), mixed in a batch with scored rows."""
+    scores = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 2.0, -3.0, 1.0], [0.0, -2.0, 3.0, 0.5]])
+    response = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1]])
+    is_positive = torch.tensor([True, False, True, False])
+    settings = [
+        {"rule": "hysteresis", "normalize": "zscore"},
+        {"rule": "hysteresis", "normalize": "none", "tau": 0.0},
+        {"rule": "sign", "normalize": "zscore"},
+        {"rule": "sign", "normalize": "none", "baseline": 0.7},
+        {"rule": "sign", "normalize": "none", "baseline": "batch_mean"},  # the scored rows move the mean
+    ]
+    for kwargs in settings:
+        mask, _ = ama_mask(scores, response, is_positive, **kwargs)
+        assert mask[:2].tolist() == response[:2].float().tolist(), kwargs
+        assert mask[2:].sum() < response[2:].sum(), kwargs  # the scored rows are masked
+
+
 def test_ama_mask_zscore_then_hysteresis():
     # Row scores 1, 2, 3, 10 -> mean 4, std sqrt((9 + 4 + 1 + 36) / 4) = sqrt(12.5) = 3.5355:
     # z = -0.849, -0.566, -0.283, 1.697. With tau 0.3: flips to -1 at the first token, back to +1 at the last.

@@ -183,6 +183,24 @@ def test_dpo_implicit_scores_are_zscored_beta_logratios(ray_local, tmp_path, mod
     assert manifest["scorer_accuracy"]["count"] == agrees and manifest["scorer_accuracy"]["n"] == 8
 
 
+def test_pairs_outside_ama_categories_get_flat_scores(ray_local, tmp_path, models):
+    paths, tok = models
+    ama = {"scorer": "dpo_implicit", "scorer_model": str(paths["policy"]), "scorer_ref_model": str(paths["base"])}
+    cfg = make_cfg(tmp_path, paths, ama={**ama, "categories": ["EHD"]}, algorithm={"loss": "ama_dpo"})
+    rows = write_pairs(cfg)  # odd rows EHD, even rows without a category (counted as none)
+    manifest = run_score(cfg)
+    out = by_id(read_rows(cfg.run.dir / "scored"))
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            scores = np.array(out[row["id"]][f"{side}_scores"])
+            if row["category"] == "EHD":
+                assert scores.std() == pytest.approx(1.0, abs=1e-4)  # z-scored implicit rewards, as without the option
+            else:
+                assert not scores.any() and len(scores) == len(encode_pair(tok, row, MAX_LENGTH)[f"{side}_ids"])
+    # the scorer is still measured on every pair
+    assert manifest["scorer_accuracy"]["n"] == 4 and set(manifest["scorer_accuracy_by_category"]) == {"EHD", "none"}
+
+
 def test_negated_cost_model_zscored_and_ids_only_run(ray_local, tmp_path, models):
     paths, tok = models
     ama = {"scorer_model": str(paths["rm"]), "negate": True}

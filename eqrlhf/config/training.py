@@ -45,6 +45,10 @@ class AmaSection(Section):
     scorer_model: str | None = None  # reward/cost model dir (reward_prefix) or policy dir (dpo_implicit)
     scorer_ref_model: str | None = None  # reference dir for dpo_implicit
     negate: bool = False  # True for a cost model: score = -cost
+    # pairs whose categories AMA masks; the others get flat token scores, which every rule keeps whole (plain
+    # DPO on them): for a scorer measured right on one kind of pair only (the score stage's per-category
+    # scorer_accuracy). None = every pair
+    categories: list[Literal["EHD", "IHD", "MHD", "none"]] | None = None
     input: str | None = None  # pairs to score; default: <run>/pairs
     output: str | None = None  # default: <run>/scored
     batch_size: int = Field(8, ge=1)  # pairs per scoring forward pass (2x sequences: chosen + rejected)

@@ -245,6 +245,7 @@ class ScorePairs:
         use_gpu: bool,
         trust_remote_code: bool,
         autocast: bool = False,
+        categories: list[str] | None = None,
     ):
         import torch
 
@@ -267,6 +268,7 @@ class ScorePairs:
         # log-probs it is compared with must come from the same arithmetic. float32 against autocast differs
         # by 1-2 nats a response on SmolLM2-135M, larger than what DPO moves in a short run.
         self.autocast = autocast
+        self.categories = categories
         if scorer == "reward_prefix":
             self.head = ScalarHeadLM.load(scorer_model, dtype=dtype, trust_remote_code=trust_remote_code)
             self.head = self.head.to(self.device).eval()
@@ -305,9 +307,12 @@ class ScorePairs:
         policy_logps = None
         if self.scorer:
             scores, whole, policy_logps = self._scores(both_prompts, both_responses)
+            if self.categories is not None:  # outside ama.categories: flat scores, the whole answers train
+                flat = [(c or "none") not in self.categories for c in batch.column("category").to_pylist()] * 2
+                scores = [np.zeros_like(s) if f else s for s, f in zip(scores, flat)]
             batch = batch.append_column("chosen_scores", pa.array(scores[:n], type=FLOATS))
             batch = batch.append_column("rejected_scores", pa.array(scores[n:], type=FLOATS))
-            # does the scorer rank the pair as its labels do? (the manifest's scorer_accuracy)
+            # does the scorer rank the pair as its labels do? (the manifest's scorer_accuracy, on every pair)
             prefers = [c > r for c, r in zip(whole[:n], whole[n:])]
             batch = batch.append_column("scorer_prefers_chosen", pa.array(prefers, type=pa.bool_()))
         if self.ref is not None:
@@ -416,6 +421,7 @@ def _score_dataset(cfg: Config, rows_dir: Path, plan: dict, total: int):
                 "use_gpu": cfg.ama.num_gpus > 0,
                 "trust_remote_code": cfg.model.trust_remote_code,
                 "autocast": cfg.train.autocast,
+                "categories": cfg.ama.categories,
             },
             batch_format="pyarrow",
             batch_size=cfg.ama.batch_size,
