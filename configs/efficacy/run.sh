@@ -62,4 +62,11 @@ done_if $R/ama_dpo_onpolicy/final/config.json || $E train -c $C/ama_dpo_onpolicy
   > $R/logs/ama_dpo_onpolicy.log 2>&1
 evaluate_dev sft_ama_dpo_onpolicy $R/ama_dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/ama_dpo_onpolicy.yaml
 evaluate_dev sft_dpo_onpolicy $R/dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/dpo_onpolicy.yaml
+step "dev split: AMA-DPO with masks on the harmful pairs only (the scorer is right on those)"
+done_if $R/scored_harmful_masks/manifest.json || $E score -c $C/ama_dpo_harmful_masks.yaml \
+  > $R/logs/score_harmful_masks.log 2>&1
+done_if $R/ama_dpo_harmful_masks/final/config.json || $E train -c $C/ama_dpo_harmful_masks.yaml \
+  > $R/logs/ama_dpo_harmful_masks.log 2>&1
+evaluate_dev sft_ama_dpo_harmful_masks $R/ama_dpo_harmful_masks/final $C/sft.yaml $C/pairs_onpolicy.yaml \
+  $C/ama_dpo_onpolicy.yaml $C/ama_dpo_harmful_masks.yaml
 step finished
