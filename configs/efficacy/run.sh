@@ -14,22 +14,14 @@ mkdir -p $R/logs
 step() { echo "== $(date +%T) $*"; }
 done_if() { [[ -e "$1" ]] && { echo "   done already ($1)"; return 0; } || return 1; }
 
-evaluate() {  # evaluate <arm> <model> <config files that trained it...>
-  local arm=$1 model=$2 out=docs/results/efficacy/$1
-  shift 2
-  done_if $R/eval/$arm/eval.json || $E evaluate -c $C/evaluate.yaml eval.model=$model eval.tag=$arm \
-    > $R/logs/eval_$arm.log 2>&1
+evaluate() {  # evaluate <test|dev> <arm> <model> <config files that trained it...>; dev is for choosing recipes
+  local split=$1 arm=$2 model=$3 sfx="" out=docs/results/efficacy/$2
+  [[ $split == dev ]] && sfx=_dev out=docs/results/efficacy/dev/$2
+  shift 3
+  done_if $R/eval$sfx/$arm/eval.json || $E evaluate -c $C/evaluate$sfx.yaml eval.model=$model eval.tag=$arm \
+    > $R/logs/eval${sfx}_$arm.log 2>&1
   mkdir -p $out
-  cp $R/eval/$arm/{eval.json,completions.jsonl,report.md} $C/evaluate.yaml "$@" $out/
-}
-
-evaluate_dev() {  # evaluate_dev <arm> <model> <config files that trained it...>: the dev split, for choosing
-  local arm=$1 model=$2 out=docs/results/efficacy/dev/$1
-  shift 2
-  done_if $R/eval_dev/$arm/eval.json || $E evaluate -c $C/evaluate_dev.yaml eval.model=$model eval.tag=$arm \
-    > $R/logs/evaldev_$arm.log 2>&1
-  mkdir -p $out
-  cp $R/eval_dev/$arm/{eval.json,completions.jsonl,report.md} $C/evaluate_dev.yaml "$@" $out/
+  cp $R/eval$sfx/$arm/{eval.json,completions.jsonl,report.md} $C/evaluate$sfx.yaml "$@" $out/
 }
 
 step "SFT arm: categorize, mix 300 + 300, fine-tune"
@@ -41,32 +33,32 @@ done_if $R/categorized_dpo/manifest.json || $E categorize -c $C/pairs.yaml > $R/
 done_if $R/mixture_dpo/manifest.json || $E mix -c $C/pairs.yaml > $R/logs/mix_dpo.log 2>&1
 
 step "evaluate base and SFT"
-evaluate base smollm2-135m
-evaluate sft $R/sft/final $C/sft.yaml
+evaluate test base smollm2-135m
+evaluate test sft $R/sft/final $C/sft.yaml
 
 step "recipe: on-policy judged pairs from the SFT model, DPO"
 done_if $R/pairs_dpo/manifest.json || $E pairs -c $C/pairs.yaml > $R/logs/pairs_dpo.log 2>&1
 done_if $R/dpo/final/config.json || $E train -c $C/dpo.yaml > $R/logs/dpo.log 2>&1
 step "evaluate the recipe"
-evaluate sft_dpo $R/dpo/final $C/sft.yaml $C/pairs.yaml $C/dpo.yaml
+evaluate test sft_dpo $R/dpo/final $C/sft.yaml $C/pairs.yaml $C/dpo.yaml
 step "second recipe: harmful pairs with both answers sampled from the SFT model, DPO one epoch"
 done_if $R/mixture_onpolicy/manifest.json || $E mix -c $C/pairs_onpolicy.yaml > $R/logs/mix_onpolicy.log 2>&1
 done_if $R/pairs_onpolicy/manifest.json || $E pairs -c $C/pairs_onpolicy.yaml > $R/logs/pairs_onpolicy.log 2>&1
 done_if $R/dpo_onpolicy/final/config.json || $E train -c $C/dpo_onpolicy.yaml > $R/logs/dpo_onpolicy.log 2>&1
-evaluate sft_dpo_onpolicy $R/dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/dpo_onpolicy.yaml
+evaluate test sft_dpo_onpolicy $R/dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/dpo_onpolicy.yaml
 step "dev split: base, SFT; AMA-DPO and DPO on the second recipe's pairs (same pairs, same budget)"
-evaluate_dev base smollm2-135m
-evaluate_dev sft $R/sft/final $C/sft.yaml
+evaluate dev base smollm2-135m
+evaluate dev sft $R/sft/final $C/sft.yaml
 done_if $R/scored_onpolicy/manifest.json || $E score -c $C/ama_dpo_onpolicy.yaml > $R/logs/score_onpolicy.log 2>&1
 done_if $R/ama_dpo_onpolicy/final/config.json || $E train -c $C/ama_dpo_onpolicy.yaml \
   > $R/logs/ama_dpo_onpolicy.log 2>&1
-evaluate_dev sft_ama_dpo_onpolicy $R/ama_dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/ama_dpo_onpolicy.yaml
-evaluate_dev sft_dpo_onpolicy $R/dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/dpo_onpolicy.yaml
+evaluate dev sft_ama_dpo_onpolicy $R/ama_dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/ama_dpo_onpolicy.yaml
+evaluate dev sft_dpo_onpolicy $R/dpo_onpolicy/final $C/sft.yaml $C/pairs_onpolicy.yaml $C/dpo_onpolicy.yaml
 step "dev split: AMA-DPO with masks on the harmful pairs only (the scorer is right on those)"
 done_if $R/scored_harmful_masks/manifest.json || $E score -c $C/ama_dpo_harmful_masks.yaml \
   > $R/logs/score_harmful_masks.log 2>&1
 done_if $R/ama_dpo_harmful_masks/final/config.json || $E train -c $C/ama_dpo_harmful_masks.yaml \
   > $R/logs/ama_dpo_harmful_masks.log 2>&1
-evaluate_dev sft_ama_dpo_harmful_masks $R/ama_dpo_harmful_masks/final $C/sft.yaml $C/pairs_onpolicy.yaml \
+evaluate dev sft_ama_dpo_harmful_masks $R/ama_dpo_harmful_masks/final $C/sft.yaml $C/pairs_onpolicy.yaml \
   $C/ama_dpo_onpolicy.yaml $C/ama_dpo_harmful_masks.yaml
 step finished
