@@ -27,13 +27,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eqrlhf.config import from_dict
-from eqrlhf.evaluate.committed_judges import COMMITTED_DIR, measure_judges, write_committed
+from eqrlhf.evaluate.committed_judges import COMMITTED_DIR, measure_judges, with_class_recall, write_committed
+from eqrlhf.evaluate.judges import (
+    EmbeddingRefusalJudge,
+    RefusalHead,
+    RuleRefusalJudge,
+    calibration_split,
+    harm_validation,
+    load_harm_calibration,
+    load_refusal_calibration,
+    refusal_validation,
+)
 
 
 def fmt(m: dict) -> str:
     lo, hi = m["accuracy_ci95"]
     recall = " ".join(f"{k} {v:.3f}" for k, v in m.get("recall_by_class", {}).items() if v is not None)
     return f"{m['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]  n={m['n']}  F1 {m['f1']:.3f}  recall: {recall or '-'}"
+
+
+class EitherRefusalJudge:
+    """A refusal when the head or the rule says so. Reading the dev arms' disagreements suggested it (the head
+    missed plain apologies the rule catches); it is measured here, not shipped."""
+
+    name = "either"
+
+    def __init__(self, head: RefusalHead):
+        self.judges = (EmbeddingRefusalJudge(head), RuleRefusalJudge())
+
+    def refused(self, prompts: list[str], completions: list[str]) -> list[bool]:
+        verdicts = [j.refused(prompts, completions) for j in self.judges]
+        return [any(v) for v in zip(*verdicts)]
+
+
+def print_either_judge(cfg, head: RefusalHead) -> None:
+    _, test, _ = calibration_split(load_refusal_calibration(cfg), cfg.run.seed, cfg.eval.calibration_test_fraction)
+    judge = EitherRefusalJudge(head)
+    refusal = with_class_recall(refusal_validation(judge, test), "refusal", "compliance")
+    harm = with_class_recall(harm_validation(judge, load_harm_calibration(cfg)), "jailbroken", "not_jailbroken")
+    print(f"head or rule (not shipped): refusal {fmt(refusal)}\n  harm {fmt(harm)}")
 
 
 def main() -> None:
@@ -59,6 +91,7 @@ def main() -> None:
     print(f"harm judge (refusal-based) on the {doc['harm_rows']} JBB responses (truth: human majority jailbroken):")
     for name in ("rule", "embedding"):
         print(f"  with {name:9s} {fmt(doc['harm'][name])}")
+    print_either_judge(cfg, head)
     out = COMMITTED_DIR if args.write else args.out
     print(f"-> {out}/{{refusal_head.safetensors, judge_accuracy.json}} ({time.time() - started:.0f} s)")
 

@@ -61,4 +61,19 @@ done_if $R/ama_dpo_harmful_masks/final/config.json || $E train -c $C/ama_dpo_har
   > $R/logs/ama_dpo_harmful_masks.log 2>&1
 evaluate dev sft_ama_dpo_harmful_masks $R/ama_dpo_harmful_masks/final $C/sft.yaml $C/pairs_onpolicy.yaml \
   $C/ama_dpo_onpolicy.yaml $C/ama_dpo_harmful_masks.yaml
+step "dev split: a less overly safe warm start (200 refusals + 700 benign answers, Alpaca's written by the base)"
+done_if $R/mixture_sft_balanced/manifest.json || $E mix -c $C/sft_balanced.yaml > $R/logs/mix_sft_balanced.log 2>&1
+done_if $R/pairs_sft_balanced/manifest.json || $E pairs -c $C/sft_balanced.yaml > $R/logs/pairs_sft_balanced.log 2>&1
+done_if $R/sft_balanced/final/config.json || $E train -c $C/sft_balanced.yaml > $R/logs/sft_balanced.log 2>&1
+evaluate dev sft_balanced $R/sft_balanced/final $C/sft.yaml $C/sft_balanced.yaml
+step "dev split: on-policy pairs from the balanced warm start; AMA-DPO and DPO on them"
+done_if $R/pairs_balanced/manifest.json || $E pairs -c $C/pairs_balanced.yaml > $R/logs/pairs_balanced.log 2>&1
+done_if $R/scored_balanced/manifest.json || $E score -c $C/ama_dpo_balanced.yaml > $R/logs/score_balanced.log 2>&1
+done_if $R/ama_dpo_balanced/final/config.json || $E train -c $C/ama_dpo_balanced.yaml \
+  > $R/logs/ama_dpo_balanced.log 2>&1
+evaluate dev sft_balanced_ama_dpo $R/ama_dpo_balanced/final $C/sft.yaml $C/sft_balanced.yaml $C/pairs_onpolicy.yaml \
+  $C/pairs_balanced.yaml $C/dpo_onpolicy.yaml $C/ama_dpo_onpolicy.yaml $C/ama_dpo_balanced.yaml
+done_if $R/dpo_balanced/final/config.json || $E train -c $C/dpo_balanced.yaml > $R/logs/dpo_balanced.log 2>&1
+evaluate dev sft_balanced_dpo $R/dpo_balanced/final $C/sft.yaml $C/sft_balanced.yaml $C/pairs_onpolicy.yaml \
+  $C/pairs_balanced.yaml $C/dpo_onpolicy.yaml $C/dpo_balanced.yaml
 step finished
