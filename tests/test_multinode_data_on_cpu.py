@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from multinode_cluster import run_scenario  # tests/ is on sys.path under pytest's default import mode
 
 SCRIPT = Path(__file__).with_name("multinode_data.py")
@@ -53,8 +54,10 @@ def test_categorize_node_lost_mid_task_every_row_written_once_on_cpu(tmp_path):
 
 # Four raylets, two HF engine actors (and a third started after the loss) loading torch and a tiny model,
 # 35 s on the idle 2-core machine; at nice 19, 60 s with a load average of ~5, 97-148 s at ~9-10,
-# 216-262 s at ~12-19.
-# Runs in CI.
+# 216-262 s at ~12-19; 70 s in CI on a slow day. Slow: the data-stage node loss stays in CI with categorize above
+# (the same Ray Data retry and exactly-once writer), and the engine actors' node loss with the rollout case in
+# test_multinode_on_cpu.
+@pytest.mark.slow
 def test_pairs_node_lost_mid_generation_every_row_written_once_on_cpu(tmp_path):
     """pairs.missing=generate: 48 of 64 rows go through two engine actors on two data nodes; the node of the
     actor holding the first batch is removed: Ray restarts that actor on the third node, which redoes the

@@ -19,6 +19,7 @@ from eqrlhf.data.onpolicy import (
     plays_rejected,
 )
 from eqrlhf.data.pairs import (
+    CUT_CHOSEN,
     GENERATED_SCHEMA,
     judged_rows,
     pair_sampling,
@@ -144,6 +145,19 @@ def test_judged_labels_reach_bfpo_and_its_target_varies():
     target = torch.tensor([1.0, 0.5])
     assert loss.item() == pytest.approx(((h - target / 0.01) ** 2).mean().item())
     assert metrics["bfpo/target"].item() == pytest.approx(0.75)
+
+
+def test_judged_path_drops_a_cut_generated_chosen_before_judging_it(tmp_path):
+    """pairs.drop_cut_chosen reaches the judged path: the row whose chosen answer the generator wrote and cut
+    (4 tokens of a random model) is filtered with CUT_CHOSEN and not judged; the source pair is judged as usual."""
+    torch.manual_seed(0)
+    engine = HFEngine(tiny_llama(vocab_size=VOCAB), tokenizer=load_tokenizer("smollm2-135m"))
+    cfg = config(tmp_path, pairs__judge=True, pairs__drop_cut_chosen=True, generation__max_new_tokens=4)
+    rows = [row("written", "none"), row("source", "EHD", REFUSAL, "Sure, here is how.")]
+    out = judged_rows(rows, engine, RuleRefusalJudge(), response_policy(cfg), pair_sampling(cfg), cfg.pairs)
+    got = {r["id"]: r for r in out}
+    assert got["t:written"]["filter_reason"] == CUT_CHOSEN and "judged" not in json.loads(got["t:written"]["meta"])
+    assert got["t:source"]["filter_reason"] is None and got["t:source"]["rejected"] == "Sure, here is how."
 
 
 def test_judged_path_with_a_real_engine_and_judge_drops_and_counts(tmp_path):

@@ -10,6 +10,7 @@ import torch
 
 from eqrlhf.config import ConfigError, from_dict
 from eqrlhf.data.pairs import (
+    CUT_CHOSEN,
     DEFAULT_POLICY,
     GENERATED_SCHEMA,
     fill_missing,
@@ -187,6 +188,29 @@ def test_generation_fills_missing_sides_in_a_ray_data_stage(mixture, tiny_dir, r
     assert (rows["t:m1"]["chosen_safe"], rows["t:m1"]["rejected_safe"]) == (True, True)
     assert (rows["t:m2"]["chosen_safe"], rows["t:m2"]["rejected_safe"]) == (True, False)
     assert rows["t:p2"] == {**mixture_rows()[2], "chosen_safe": True, "rejected_safe": False}
+
+
+def test_cut_chosen_answers_are_dropped_and_counted_when_asked(tmp_path, tiny_dir, tokenizer):
+    """A random model never stops within 4 tokens: every generated side is cut. With pairs.drop_cut_chosen the
+    row whose chosen side was generated (m2) is filtered with a counted reason; rows where only the rejected
+    side was generated (m1, m3) stay, and so does every row without it set."""
+    from transformers import AutoModelForCausalLM
+
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(tiny_dir), tokenizer=tokenizer)
+    cfg = config(tmp_path, pairs__drop_cut_chosen=True, generation__max_new_tokens=4)
+    sampling = pair_sampling(cfg)
+    kept = fill_missing(mixture_rows(), engine, response_policy(cfg), sampling)
+    assert [r["id"] for r in kept if r.get("filter_reason")] == []
+    rows = fill_missing(mixture_rows(), engine, response_policy(cfg), sampling, drop_cut_chosen=True)
+    assert {r["id"]: r.get("filter_reason") for r in rows if r.get("filter_reason")} == {"t:m2": CUT_CHOSEN}
+    writer = StageWriter(tmp_path / "pairs", "pairs", "test")
+    writer.count_read(len(rows))
+    stats = {"generated_rows": 0, "truncated_responses": 0}
+    write_generated(writer, pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA), stats)
+    manifest = writer.close()
+    assert manifest["rows_written"] == 7 and manifest["filtered"] == {CUT_CHOSEN: 1}
+    assert stats == {"generated_rows": 7, "truncated_responses": 2}  # m1's and m3's cut rejected sides, counted
+    assert "t:m2" not in {r["id"] for r in read_rows(tmp_path / "pairs").to_pylist()}
 
 
 def test_empty_generations_are_errors_with_the_row_id(tmp_path, tokenizer):

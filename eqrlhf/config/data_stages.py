@@ -131,3 +131,6 @@ class PairsSection(Section):
     # on_policy: categories whose chosen side is also taken from the samples (the first that plays the chosen
     # role), so both answers are the model's own; the source or generated chosen stays where none does
     on_policy_chosen: list[Literal["EHD", "IHD", "MHD", "none"]] = Field(default_factory=list)
+    # a generated chosen answer that hit generation.max_new_tokens ends mid-sentence; a model fine-tuned on it
+    # learns to stop (or loop) there. True drops such rows, counted under CUT_CHOSEN; a cut rejected side stays
+    drop_cut_chosen: bool = False

@@ -135,10 +135,19 @@ def pair_conversations(
     ]
 
 
+CUT_CHOSEN = "generated chosen answer cut at generation.max_new_tokens"
+
+
 def fill_missing(
-    rows: list[dict], engine, policy: dict[str, dict[str, str]], sampling: Sampling, sides: tuple[str, ...] = SIDES
+    rows: list[dict],
+    engine,
+    policy: dict[str, dict[str, str]],
+    sampling: Sampling,
+    sides: tuple[str, ...] = SIDES,
+    drop_cut_chosen: bool = False,
 ) -> list[dict]:
-    """Generate the missing ``sides`` of ``rows`` in one engine call; rows come back with error columns."""
+    """Generate the missing ``sides`` of ``rows`` in one engine call; rows come back with error columns (and,
+    with ``drop_cut_chosen``, ``filter_reason`` CUT_CHOSEN where the generated chosen answer hit the limit)."""
     requests, owners, out = [], [], []
     for k, row in enumerate(rows):
         row = {**row, "error_field": None, "error_reason": None, "truncated_sides": 0}
@@ -162,6 +171,13 @@ def fill_missing(
             row["error_field"], row["error_reason"] = side, "empty generation: the generator returned no text"
         row[side] = completion.text.strip()
         row["truncated_sides"] += completion.finish_reason == "length"
+        if (
+            drop_cut_chosen
+            and side == "chosen"
+            and completion.finish_reason == "length"
+            and not row.get("filter_reason")
+        ):
+            row["filter_reason"] = CUT_CHOSEN
     return [with_flags(row) for row in out]
 
 
@@ -178,10 +194,13 @@ class PairGenerator:
         self.engine = make_engine(cfg)
         self.policy = response_policy(cfg)
         self.sampling = pair_sampling(cfg)
+        self.drop_cut_chosen = cfg.pairs.drop_cut_chosen
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         mark("pairs", ids=lambda: batch.column("id").to_pylist())  # node-loss tests: proof this node held these rows
-        rows = fill_missing(batch.to_pylist(), self.engine, self.policy, self.sampling)
+        rows = fill_missing(
+            batch.to_pylist(), self.engine, self.policy, self.sampling, drop_cut_chosen=self.drop_cut_chosen
+        )
         return pa.Table.from_pylist(rows, schema=GENERATED_SCHEMA)
 
 
@@ -212,9 +231,9 @@ def judged_rows(
             if row["category"] in pairs.on_policy_chosen:
                 pick_chosen(row, texts[span], list(refused[span]))
     open_rows = [r for r in rows if r["filter_reason"] is None]
-    rows = fill_missing(open_rows, chosen_engine or engine, policy, sampling, sides=needed) + fill_missing(
-        [r for r in rows if r["filter_reason"] is not None], engine, policy, sampling, sides=()
-    )
+    rows = fill_missing(
+        open_rows, chosen_engine or engine, policy, sampling, sides=needed, drop_cut_chosen=pairs.drop_cut_chosen
+    ) + fill_missing([r for r in rows if r["filter_reason"] is not None], engine, policy, sampling, sides=())
     rows += [
         {**r, "error_field": None, "error_reason": None, "truncated_sides": 0, "filter_reason": "no pair"}
         for r in skipped
