@@ -76,6 +76,9 @@ evaluate dev sft_balanced_ama_dpo $R/ama_dpo_balanced/final $C/sft.yaml $C/sft_b
 done_if $R/dpo_balanced/final/config.json || $E train -c $C/dpo_balanced.yaml > $R/logs/dpo_balanced.log 2>&1
 evaluate dev sft_balanced_dpo $R/dpo_balanced/final $C/sft.yaml $C/sft_balanced.yaml $C/pairs_onpolicy.yaml \
   $C/pairs_balanced.yaml $C/dpo_onpolicy.yaml $C/dpo_balanced.yaml
+done_if $R/bfpo_balanced/final/config.json || $E train -c $C/bfpo_balanced.yaml > $R/logs/bfpo_balanced.log 2>&1
+evaluate dev sft_balanced_bfpo $R/bfpo_balanced/final $C/sft.yaml $C/sft_balanced.yaml $C/pairs_onpolicy.yaml \
+  $C/pairs_balanced.yaml $C/dpo_onpolicy.yaml $C/dpo_balanced.yaml $C/bfpo_balanced.yaml
 step "dev split: the balanced warm start with its answers written to completion (no answer cut mid-sentence)"
 done_if $R/pairs_sft_uncut/manifest.json || $E pairs -c $C/sft_uncut.yaml > $R/logs/pairs_sft_uncut.log 2>&1
 done_if $R/sft_uncut/final/config.json || $E train -c $C/sft_uncut.yaml > $R/logs/sft_uncut.log 2>&1
