@@ -171,13 +171,8 @@ def fill_missing(
             row["error_field"], row["error_reason"] = side, "empty generation: the generator returned no text"
         row[side] = completion.text.strip()
         row["truncated_sides"] += completion.finish_reason == "length"
-        if (
-            drop_cut_chosen
-            and side == "chosen"
-            and completion.finish_reason == "length"
-            and not row.get("filter_reason")
-        ):
-            row["filter_reason"] = CUT_CHOSEN
+        if drop_cut_chosen and side == "chosen" and completion.finish_reason == "length":
+            row["filter_reason"] = CUT_CHOSEN  # rows reach here unfiltered (judged_rows passes open rows only)
     return [with_flags(row) for row in out]
 
 
