@@ -83,4 +83,14 @@ step "dev split: the balanced warm start with its answers written to completion 
 done_if $R/pairs_sft_uncut/manifest.json || $E pairs -c $C/sft_uncut.yaml > $R/logs/pairs_sft_uncut.log 2>&1
 done_if $R/sft_uncut/final/config.json || $E train -c $C/sft_uncut.yaml > $R/logs/sft_uncut.log 2>&1
 evaluate dev sft_uncut $R/sft_uncut/final $C/sft.yaml $C/sft_balanced.yaml $C/sft_uncut.yaml
+step "dev split: pairs weighted to benign look-alikes (3 of 4 prompts CoCoNot), DPO from the balanced warm start"
+done_if $R/categorized_benign_heavy/manifest.json || $E categorize -c $C/pairs_benign_heavy.yaml \
+  > $R/logs/categorize_benign_heavy.log 2>&1
+done_if $R/mixture_benign_heavy/manifest.json || $E mix -c $C/pairs_benign_heavy.yaml > $R/logs/mix_benign_heavy.log 2>&1
+done_if $R/pairs_benign_heavy/manifest.json || $E pairs -c $C/pairs_benign_heavy.yaml \
+  > $R/logs/pairs_benign_heavy.log 2>&1
+done_if $R/dpo_benign_heavy/final/config.json || $E train -c $C/dpo_benign_heavy.yaml > $R/logs/dpo_benign_heavy.log 2>&1
+evaluate dev sft_balanced_dpo_benign_heavy $R/dpo_benign_heavy/final $C/sft.yaml $C/sft_balanced.yaml \
+  $C/pairs_onpolicy.yaml $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/dpo_onpolicy.yaml $C/dpo_balanced.yaml \
+  $C/dpo_benign_heavy.yaml
 step finished
