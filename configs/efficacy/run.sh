@@ -93,4 +93,11 @@ done_if $R/dpo_benign_heavy/final/config.json || $E train -c $C/dpo_benign_heavy
 evaluate dev sft_balanced_dpo_benign_heavy $R/dpo_benign_heavy/final $C/sft.yaml $C/sft_balanced.yaml \
   $C/pairs_onpolicy.yaml $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/dpo_onpolicy.yaml $C/dpo_balanced.yaml \
   $C/dpo_benign_heavy.yaml
+step "dev split: a second round of benign-heavy pairs, sampled from the first round's DPO model"
+done_if $R/mixture_round2/manifest.json || $E mix -c $C/pairs_round2.yaml > $R/logs/mix_round2.log 2>&1
+done_if $R/pairs_round2/manifest.json || $E pairs -c $C/pairs_round2.yaml > $R/logs/pairs_round2.log 2>&1
+done_if $R/dpo_round2/final/config.json || $E train -c $C/dpo_round2.yaml > $R/logs/dpo_round2.log 2>&1
+evaluate dev sft_balanced_dpo_round2 $R/dpo_round2/final $C/sft.yaml $C/sft_balanced.yaml $C/pairs_onpolicy.yaml \
+  $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_round2.yaml $C/dpo_onpolicy.yaml $C/dpo_balanced.yaml \
+  $C/dpo_benign_heavy.yaml $C/dpo_round2.yaml
 step finished
