@@ -100,4 +100,10 @@ done_if $R/dpo_round2/final/config.json || $E train -c $C/dpo_round2.yaml > $R/l
 evaluate dev sft_balanced_dpo_round2 $R/dpo_round2/final $C/sft.yaml $C/sft_balanced.yaml $C/pairs_onpolicy.yaml \
   $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_round2.yaml $C/dpo_onpolicy.yaml $C/dpo_balanced.yaml \
   $C/dpo_benign_heavy.yaml $C/dpo_round2.yaml
+step "dev split: step 12's DPO at max length 640, no pair cut"
+done_if $R/dpo_benign_heavy_len640/final/config.json || $E train -c $C/dpo_benign_heavy_len640.yaml \
+  > $R/logs/dpo_benign_heavy_len640.log 2>&1
+evaluate dev sft_balanced_dpo_benign_heavy_len640 $R/dpo_benign_heavy_len640/final $C/sft.yaml $C/sft_balanced.yaml \
+  $C/pairs_onpolicy.yaml $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/dpo_onpolicy.yaml $C/dpo_balanced.yaml \
+  $C/dpo_benign_heavy.yaml $C/dpo_benign_heavy_len640.yaml
 step finished
