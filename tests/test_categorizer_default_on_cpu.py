@@ -155,6 +155,28 @@ def test_decide_categories_threshold_is_on_temperature_scaled_probabilities():
     assert soft.predict(x) == sharp.predict(x)
 
 
+def test_source_harmful_flag_overrides_the_head_where_the_source_says():
+    """harmful_from_source: a benign-by-source row is none whatever the head says; a harmful-by-source row
+    gets the best risky class, its probability renormalized without none; an unflagged row is the head's."""
+    classes = list(CATEGORIES)
+    none_k = classes.index("none")
+    coef = np.zeros((4, 4), np.float32)
+    coef[np.arange(4), np.arange(4)] = 4.0  # class k scores 4 * x_k
+    head = Head(classes, coef, np.zeros(4, np.float32), "enc")
+    x = np.zeros((3, 4), np.float32)
+    x[:, none_k] = 1.0  # the head calls every row none ...
+    x[:, classes.index("IHD")] = 0.5  # ... with IHD the best risky class
+    assert [c for c, _ in decide_categories(head, x, None)] == ["none"] * 3
+    decided = decide_categories(head, x, None, harmful=[False, True, None])
+    assert decided == [("none", None), ("IHD", None), ("none", None)]
+    # the threshold applies to the renormalized risky probability: e^2 / (e^2 + 2) = 0.787 for IHD
+    assert decide_categories(head, x[1:2], 0.78, harmful=[True]) == [("IHD", None)]
+    assert decide_categories(head, x[1:2], 0.79, harmful=[True])[0][0] is None
+    # a benign-by-source row is never routed as uncertain
+    x_flat = np.zeros((1, 4), np.float32)
+    assert decide_categories(head, x_flat, 0.9, harmful=[False]) == [("none", None)]
+
+
 def test_fit_temperature_recovers_a_known_temperature():
     rng = np.random.default_rng(0)
     true_logits = rng.normal(size=(4000, 4)) * 2
@@ -177,3 +199,17 @@ def test_stage_batches_route_uncertain_rows_without_touching_error_rows(fresh_cl
     out = categorizer(table)
     assert out["category"].to_pylist() == [None, None]
     assert out["category_error"][0].as_py().startswith(UNCERTAIN) and out["category_error"][1].as_py() is None
+
+
+def test_stage_batches_read_the_sources_harmful_flag_when_asked(fresh_clone):
+    """The Ray Data callable passes each row's ``harmful`` column to the head (real encoder, shipped head)."""
+    rows = [
+        {"id": "t:0", "source": "t", "prompt": PROMPTS[3], "harmful": False},  # a risky prompt, benign by source
+        {"id": "t:1", "source": "t", "prompt": PROMPTS[0], "harmful": True},  # a benign prompt, harmful by source
+        {"id": "t:2", "source": "t", "prompt": PROMPTS[0], "harmful": None},
+    ]
+    plain = EmbeddingCategorizer(user_config(fresh_clone))(pa.Table.from_pylist(rows))["category"].to_pylist()
+    flagged = EmbeddingCategorizer(user_config(fresh_clone, harmful_from_source=True))(pa.Table.from_pylist(rows))
+    got = flagged["category"].to_pylist()
+    assert plain[0] != "none"  # the head files the pipe bomb as risky; the source's word overrides it
+    assert got[0] == "none" and got[1] in ("EHD", "IHD", "MHD") and got[2] == plain[2]

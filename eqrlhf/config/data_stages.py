@@ -47,6 +47,10 @@ class EmbeddingSection(Section):
     # calibrated top-class probability below which a row is not put in a bucket but routed as
     # category_error "uncertain: ..." (counted in the categorize manifest's unparsed_by_kind); None = off
     min_confidence: float | None = Field(None, gt=0, lt=1)
+    # True: a row its source marks harmful=false goes to none without asking the head, and a harmful=true row
+    # gets the head's most likely risky class (EHD / IHD / MHD); rows the source says nothing of are the head's.
+    # The head separates risky from benign poorly (see its MODEL_CARD); a curated source knows what it collected.
+    harmful_from_source: bool = False
     batch_size: int = Field(256, ge=1)
     concurrency: int = Field(1, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)

@@ -423,15 +423,29 @@ def train_head(cfg: Config) -> dict:
 # --- the Ray Data stage --------------------------------------------------------------
 
 
-def decide_categories(head: Head, x: np.ndarray, min_confidence: float | None) -> list[tuple[str | None, str | None]]:
+def decide_categories(
+    head: Head, x: np.ndarray, min_confidence: float | None, harmful: list[bool | None] | None = None
+) -> list[tuple[str | None, str | None]]:
     """(category, None) per row, or (None, "uncertain: ...") where the calibrated top probability is under
-    ``min_confidence`` (None: every row gets its argmax class)."""
+    ``min_confidence`` (None: every row gets its argmax class).
+
+    ``harmful`` (categorize.embedding.harmful_from_source) is the source's own word per row: False puts the
+    row in ``none`` without asking the head; True limits the head to the risky classes, their probabilities
+    renormalized, so a prompt collected as harmful is never filed as no risk; None leaves the row to the head.
+    """
     proba = head.predict_proba(x)
+    if harmful is not None:
+        none_k = head.classes.index("none")
+        flags = np.array([h is True for h in harmful])
+        proba[flags, none_k] = 0.0
+        proba[flags] /= np.maximum(proba[flags].sum(axis=1, keepdims=True), np.finfo(proba.dtype).tiny)
     best = proba.argmax(axis=1)
     out: list[tuple[str | None, str | None]] = []
     for i, k in enumerate(best):
         p = float(proba[i, k])
-        if min_confidence is not None and p < min_confidence:
+        if harmful is not None and harmful[i] is False:
+            out.append(("none", None))
+        elif min_confidence is not None and p < min_confidence:
             out.append(
                 (
                     None,
@@ -459,10 +473,20 @@ class EmbeddingCategorizer:
         self.encoder = load_encoder(emb.model)
         self.batch_size = emb.batch_size
         self.min_confidence = emb.min_confidence
+        self.harmful_from_source = emb.harmful_from_source
+        if self.harmful_from_source and "none" not in self.head.classes:
+            raise ConfigError(f"{path}: categorize.embedding.harmful_from_source needs a head with a 'none' class")
 
-    def decide(self, prompts: list[str]) -> list[tuple[str | None, str | None]]:
-        return decide_categories(self.head, embed(self.encoder, prompts, self.batch_size), self.min_confidence)
+    def decide(
+        self, prompts: list[str], harmful: list[bool | None] | None = None
+    ) -> list[tuple[str | None, str | None]]:
+        x = embed(self.encoder, prompts, self.batch_size)
+        return decide_categories(self.head, x, self.min_confidence, harmful if self.harmful_from_source else None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         mark("categorize", ids=lambda: batch.column("id").to_pylist())  # node-loss tests (eqrlhf.fault_markers)
-        return with_categories(batch, lambda rows: self.decide([r["prompt"] for r in rows]), ("prompt",))
+        return with_categories(
+            batch,
+            lambda rows: self.decide([r["prompt"] for r in rows], [r.get("harmful") for r in rows]),
+            ("prompt", "harmful"),
+        )
