@@ -106,4 +106,21 @@ done_if $R/dpo_benign_heavy_len640/final/config.json || $E train -c $C/dpo_benig
 evaluate dev sft_balanced_dpo_benign_heavy_len640 $R/dpo_benign_heavy_len640/final $C/sft.yaml $C/sft_balanced.yaml \
   $C/pairs_onpolicy.yaml $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/dpo_onpolicy.yaml $C/dpo_balanced.yaml \
   $C/dpo_benign_heavy.yaml $C/dpo_benign_heavy_len640.yaml
+step "dev split: the FDC pool (embedding categorizer, judged on-policy pairs from the balanced warm start)"
+done_if $R/categorized_fdc/manifest.json || $E categorize -c $C/pairs_fdc_pool.yaml > $R/logs/categorize_fdc.log 2>&1
+done_if $R/mixture_fdc_pool/manifest.json || $E mix -c $C/pairs_fdc_pool.yaml > $R/logs/mix_fdc_pool.log 2>&1
+done_if $R/pairs_fdc_pool/manifest.json || $E pairs -c $C/pairs_fdc_pool.yaml > $R/logs/pairs_fdc_pool.log 2>&1
+mkdir -p docs/results/efficacy/dev/manifests
+cp $R/pairs_fdc_pool/manifest.json docs/results/efficacy/dev/manifests/pairs_fdc_pool.json
+for sweep in scale_dpo_all scale_fdc_ama; do
+  step "dev split: the scaling sweep $sweep"
+  done_if $R/sweep/$sweep/results.csv || $E sweep -c $C/sweep_$sweep.yaml > $R/logs/sweep_$sweep.log 2>&1
+  out=docs/results/efficacy/dev/sweep_$sweep
+  mkdir -p $out
+  cp $R/sweep/$sweep/{results.csv,results.md,pareto.png} $C/sweep_$sweep.yaml $out/
+  for ev in $R/sweep/$sweep/trials/*/eval/*/eval.json; do  # every trial's evaluation, for paired tests
+    trial=$(basename "$(dirname "$(dirname "$(dirname "$ev")")")")
+    mkdir -p $out/$trial && cp "$(dirname "$ev")"/{eval.json,completions.jsonl,report.md} $out/$trial/
+  done
+done
 step finished
