@@ -123,4 +123,8 @@ for sweep in scale_dpo_all scale_fdc_ama; do
     mkdir -p $out/$trial && cp "$(dirname "$ev")"/{eval.json,completions.jsonl,report.md} $out/$trial/
   done
 done
+step "dev split: the SFT arm with seed 1 (the seed-to-seed spread)"
+done_if $R/mixture_sft_seed1/manifest.json || $E mix -c $C/sft_seed1.yaml > $R/logs/mix_sft_seed1.log 2>&1
+done_if $R/sft_seed1/final/config.json || $E train -c $C/sft_seed1.yaml > $R/logs/sft_seed1.log 2>&1
+evaluate dev sft_seed1 $R/sft_seed1/final $C/sft.yaml $C/sft_seed1.yaml
 step finished
