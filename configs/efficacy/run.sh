@@ -118,9 +118,9 @@ for sweep in scale_dpo_all scale_fdc_ama; do
   out=docs/results/efficacy/dev/sweep_$sweep
   mkdir -p $out
   cp $R/sweep/$sweep/{results.csv,results.md,pareto.png} $C/sweep_$sweep.yaml $out/
-  for ev in $R/sweep/$sweep/trials/*/eval/*/eval.json; do  # every trial's evaluation, for paired tests
-    trial=$(basename "$(dirname "$(dirname "$(dirname "$ev")")")")
-    mkdir -p $out/$trial && cp "$(dirname "$ev")"/{eval.json,completions.jsonl,report.md} $out/$trial/
+  for ev in $R/sweep/$sweep/trials/*/eval/*/; do  # every trial's evaluation, for paired tests
+    trial=$(basename "${ev%/eval/*}")
+    mkdir -p $out/$trial && cp "$ev"{eval.json,completions.jsonl,report.md} $out/$trial/
   done
 done
 step "dev split: the SFT arm with seed 1 (the seed-to-seed spread)"
