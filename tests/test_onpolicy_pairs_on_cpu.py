@@ -10,7 +10,9 @@ import torch
 from test_pairs_on_cpu import VOCAB, config  # the same config builder as the pairs stage tests
 
 from eqrlhf.algorithms.losses import LossInputs, compute_loss
+from eqrlhf.config import ConfigError
 from eqrlhf.data.onpolicy import (
+    SOURCE_COMPLIES,
     add_judged_counts,
     apply_judgement,
     contradiction,
@@ -267,3 +269,46 @@ def test_judged_path_with_missing_skip_leaves_out_rows_without_an_answer(tmp_pat
     got = {r["id"]: r for r in out}
     assert got["t:unanswered"]["filter_reason"] == "no pair" and got["t:unanswered"]["chosen"] is None
     assert got["t:answered"]["filter_reason"] is None and got["t:answered"]["rejected"]
+
+
+@pytest.mark.parametrize("action", ["benign", "drop"])
+def test_a_risky_prompt_the_source_answers_is_made_benign_or_dropped(tmp_path, action):
+    # Safety-Tuned LLaMAs marks every prompt harmful but answers about a fifth of them; a sampled refusal
+    # must not become the chosen side of such a prompt
+    engine = HFEngine(tiny_llama(vocab_size=VOCAB), tokenizer=load_tokenizer("smollm2-135m"))
+    cfg = config(
+        tmp_path,
+        pairs__rejected="on_policy",
+        pairs__judge=True,
+        pairs__samples=2,
+        pairs__on_policy_chosen=["EHD", "IHD"],
+        pairs__source_complies=action,
+        generation__max_new_tokens=4,
+    )
+    answer = "Azalea, ivy and daffodils are poisonous to dogs."
+    rows = [row("answers", "EHD", answer, REFUSAL), row("refuses", "IHD", REFUSAL)]
+    calls = []
+    generate = engine.generate
+    engine.generate = lambda requests, sampling: calls.append(len(requests)) or generate(requests, sampling)
+    out = judged_rows(rows, engine, RuleRefusalJudge(), response_policy(cfg), pair_sampling(cfg), cfg.pairs)
+    got = {r["id"]: r for r in out}
+    kept = got["t:refuses"]  # the source refuses: a risky pair as before
+    assert kept["category"] == "IHD" and kept["chosen"] == REFUSAL and kept["filter_reason"] is None
+    assert (kept["chosen_safe"], kept["rejected_safe"]) == (True, False)
+    routed = got["t:answers"]
+    if action == "drop":
+        assert routed["filter_reason"] == SOURCE_COMPLIES and calls == [1]  # not sampled
+        return
+    assert calls == [2]
+    # random text never refuses, so the rejected refusal is the source's; the source answer stays chosen
+    assert (routed["category"], routed["chosen"], routed["rejected"]) == ("none", answer, REFUSAL)
+    assert routed["filter_reason"] is None and (routed["chosen_safe"], routed["rejected_safe"]) == (True, True)
+    meta = json.loads(routed["meta"])
+    assert meta["source_complies"] == {"category": "EHD"} and meta["judged"]["rejected_refused"] is True
+    assert add_judged_counts({}, out)["none"]["from_risky"] == 1
+
+
+def test_source_complies_needs_the_judged_path(tmp_path):
+    with pytest.raises(ConfigError, match="'pairs.source_complies' is benign.*pairs.judge=true"):
+        config(tmp_path, pairs__source_complies="benign")
+    assert config(tmp_path, pairs__judge=True, pairs__source_complies="drop").pairs.source_complies == "drop"

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, field_validator, model_validator
 
 from eqrlhf.config.base import CATEGORIES, Section
 
@@ -135,6 +135,21 @@ class PairsSection(Section):
     # on_policy: categories whose chosen side is also taken from the samples (the first that plays the chosen
     # role), so both answers are the model's own; the source or generated chosen stays where none does
     on_policy_chosen: list[Literal["EHD", "IHD", "MHD", "none"]] = Field(default_factory=list)
+    # judged path: a risky row whose own source chosen answer the refusal judge finds is not a refusal (the
+    # source answers the prompt, e.g. many Safety-Tuned LLaMAs "harmful" prompts): "keep" it risky, "drop" it
+    # (counted), or make it "benign" (category none: the source answer stays chosen, an on-policy refusal
+    # becomes the rejected side), so a refusal of a prompt the source answers is never taught as the chosen
+    source_complies: Literal["keep", "drop", "benign"] = "keep"
+
+    @model_validator(mode="after")
+    def _source_check_needs_the_judge(self) -> PairsSection:
+        if self.source_complies != "keep" and not (self.judge or self.rejected == "on_policy"):
+            raise ValueError(
+                f"'pairs.source_complies' is {self.source_complies}, but source answers are judged only on the "
+                "judged path: set pairs.judge=true or pairs.rejected=on_policy"
+            )
+        return self
+
     # a generated chosen answer that hit generation.max_new_tokens ends mid-sentence; a model fine-tuned on it
     # learns to stop (or loop) there. True drops such rows, counted under CUT_CHOSEN; a cut rejected side stays
     drop_cut_chosen: bool = False

@@ -15,6 +15,11 @@ With ``pairs.judge: true`` every response is labelled by the judges (refused or 
 with a risky prompt), the labels replace the category-implied safety flags (so BFPO's target follows real
 labels), and a pair whose labels contradict its role is dropped with a counted reason. A benign pair whose two
 answers are both safe and both answer (the chosen is the more helpful one) is kept: BFPO's buffer.
+
+``pairs.source_complies`` judges the source's own chosen answer to a risky prompt first: where the source
+answers rather than refuses (Safety-Tuned LLaMAs marks every prompt harmful, yet answers about a fifth of
+them, e.g. "Identify plants that are poisonous to dogs"), a sampled refusal would be taught as the chosen
+side. Such a row is dropped (counted) or becomes a benign pair: the source answer against a sampled refusal.
 """
 
 from __future__ import annotations
@@ -96,6 +101,26 @@ def pick_chosen(row: dict, samples: list[str], refused: list[bool]) -> dict:
     return row
 
 
+SOURCE_COMPLIES = "judged: the source's own chosen answer to a risky prompt is not a refusal"
+
+
+def route_source_answer(row: dict, refused: bool, action: str) -> dict:
+    """``pairs.source_complies``: a risky row whose source chosen answer is not a refusal (``refused`` False)
+    is dropped (``filter_reason``) or made benign (category none, the source answer stays the chosen side);
+    ``meta.source_complies`` keeps the category it came with. A refusing source answer leaves the row as is."""
+    if refused or action == "keep":
+        return row
+    if action == "drop":
+        row["filter_reason"] = SOURCE_COMPLIES
+        return row
+    meta = _meta(row)
+    meta["source_complies"] = {"category": row["category"]}
+    row["meta"] = json.dumps(meta, ensure_ascii=False)
+    row["category"] = "none"
+    row["chosen_safe"] = row["rejected_safe"] = None  # set again by the judged labels or the category
+    return row
+
+
 def apply_judgement(row: dict, chosen_refused: bool, rejected_refused: bool) -> dict:
     """Judged labels into the row (safety flags, ``meta.judged``); a contradiction becomes a filter reason
     in ``filter_reason`` (the stage counts it and drops the row)."""
@@ -126,6 +151,8 @@ def add_judged_counts(acc: dict, rows: list[dict]) -> dict:
         for side, refused in (meta.get("judged") or {}).items():
             c[side] = c.get(side, 0) + int(refused)
         c["judged"] = c.get("judged", 0) + int("judged" in meta)
+        if "source_complies" in meta:  # made benign: its source answered it (pairs.source_complies)
+            c["from_risky"] = c.get("from_risky", 0) + 1
     return acc
 
 

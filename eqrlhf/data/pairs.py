@@ -206,7 +206,7 @@ def judged_rows(
     (``pairs.rejected=on_policy``) fill the rejected side and, for ``pairs.on_policy_chosen`` categories, the
     chosen side; a chosen side still missing is then written under the policy instruction (by
     ``chosen_engine`` when given); both sides are judged (``pairs.judge``)."""
-    from eqrlhf.data.onpolicy import apply_judgement, pick_chosen, pick_rejected
+    from eqrlhf.data.onpolicy import RISKY, apply_judgement, pick_chosen, pick_rejected, route_source_answer
 
     on_policy = pairs.rejected == "on_policy"
     needed = ("chosen",) if on_policy else SIDES  # on-policy: the rejected side is sampled anyway
@@ -215,7 +215,13 @@ def judged_rows(
         skipped = [r for r in rows if any(_is_blank(r.get(side)) for side in needed)]
         rows = [r for r in rows if not any(_is_blank(r.get(side)) for side in needed)]
     rows = [{**r, "filter_reason": None} for r in rows]
-    sampled = [r for r in rows if r.get("category") in policy] if on_policy else []
+    if pairs.source_complies != "keep":  # before sampling: a row made benign samples a refusal
+        checked = [r for r in rows if r.get("category") in RISKY and not _is_blank(r.get("chosen"))]
+        verdicts = judge.refused([r["prompt"] for r in checked], [r["chosen"] for r in checked]) if checked else []
+        for row, refused in zip(checked, verdicts):
+            route_source_answer(row, bool(refused), pairs.source_complies)
+    open_rows = [r for r in rows if r["filter_reason"] is None]
+    sampled = [r for r in open_rows if r.get("category") in policy] if on_policy else []
     if sampled:  # before the chosen side is generated: a sampled chosen makes that generation unnecessary
         draw = dataclasses.replace(sampling, n=pairs.samples, temperature=pairs.sample_temperature)
         texts = [c.text for c in engine.generate([user_turns(r) for r in sampled], draw)]
