@@ -328,7 +328,7 @@ def test_wandb_logs_each_trial_of_a_sweep_as_one_offline_run(tmp_path, ray_local
     grid = tune.Tuner(
         trainable,
         param_space=param_space(cfg),
-        tune_config=tune.TuneConfig(search_alg=search_algorithm(cfg), num_samples=2, max_concurrent_trials=1),
+        tune_config=tune.TuneConfig(search_alg=search_algorithm(cfg, 1), num_samples=2),
         run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path / "tune"), callbacks=tune_callbacks(cfg)),
     ).fit()
     assert len(grid) == 2 and not grid.errors
@@ -342,3 +342,35 @@ def test_wandb_logs_each_trial_of_a_sweep_as_one_offline_run(tmp_path, ray_local
         for row, step in zip(run["history"], (1, 2)):
             for metric in ("harmful_compliance", "over_refusal", "objective"):
                 assert row[metric] == pytest.approx(made_up(result.config, step)[metric]), metric
+
+
+@pytest.mark.parametrize("search", ["grid", "random", "optuna"])
+def test_the_search_algorithm_runs_one_trial_at_a_time_when_the_limit_is_one(tmp_path, ray_local, search):
+    """Tune ignores ``max_concurrent_trials`` beside a grid or random generator; a scaling sweep whose trials
+    all started at once would need three trials' memory. Each trial here records when it ran."""
+    import time
+
+    from ray import tune
+
+    from eqrlhf.tune.space import param_space
+    from eqrlhf.tune.sweep import search_algorithm
+
+    cfg = load_config(THRESHOLDS, [f"run.output_dir={tmp_path}", f"sweep.search={search}", "sweep.num_samples=3"])
+    # a grid needs choices only: three values of one key, as the scaling sweeps search mix.safety_scale
+    space = {"ama.tau": tune.grid_search([0.1, 0.2, 0.3])} if search == "grid" else param_space(cfg)
+
+    def trainable(params: dict) -> None:
+        start = time.time()
+        time.sleep(1.0)
+        metrics = {"harmful_compliance": 0.5, "over_refusal": 0.5, "helpfulness": 0.5}
+        tune.report({"start": start, "end": time.time(), **metrics})
+
+    grid = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(search_alg=search_algorithm(cfg, 1), num_samples=1 if search == "grid" else 3),
+        run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path / "tune")),
+    ).fit()
+    windows = sorted((r.metrics["start"], r.metrics["end"]) for r in grid)
+    assert len(windows) == 3 and not grid.errors
+    assert all(later[0] >= earlier[1] for earlier, later in zip(windows, windows[1:]))  # no overlap

@@ -5,8 +5,9 @@ trainable* that calls :func:`eqrlhf.train.run_train`, which builds and fits a ``
 of the Ray Train user guide "Hyperparameter Tuning with Ray Tune"
 (https://docs.ray.io/en/latest/train/user-guides/hyperparameter-optimization.html): Tune runs a driver
 function per trial, the driver launches Ray Train, and Ray Train places its own workers (Tune does not
-reserve them), so trial concurrency is bounded with ``TuneConfig.max_concurrent_trials``, computed here
-from the cluster's resources and one trial's peak need (:func:`eqrlhf.tune.space.max_concurrent`).
+reserve them), so trial concurrency is bounded by the search algorithm (a concurrency limit on Optuna, the
+grid / random generator's own ``max_concurrent``), computed here from the cluster's resources and one trial's
+peak need (:func:`eqrlhf.tune.space.max_concurrent`).
 Metrics reach Tune through ``tune.report`` from the trial after each evaluation (no checkpoint needed).
 
 Search: Optuna's multi-objective TPE sampler through ``OptunaSearch(metric=[...], mode=[...])`` (or random /
@@ -141,20 +142,23 @@ def prepare_shared(cfg: Config, root: Path) -> dict:
     return shared
 
 
-def search_algorithm(cfg: Config):
+def search_algorithm(cfg: Config, concurrency: int):
+    """Tune's search algorithm, holding the concurrency limit itself: Tune's ``max_concurrent_trials`` is
+    ignored beside a grid or random search generator (every trial that fits the cluster then starts at once)."""
     sweep = cfg.sweep
     seed = sweep.seed if sweep.seed is not None else cfg.run.seed
-    if sweep.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+    if sweep.search != "optuna":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        metrics = list(sweep.objectives)
-        modes = [DIRECTIONS[m] for m in metrics]
-        if len(metrics) == 1:
-            return OptunaSearch(metric=metrics[0], mode=modes[0], seed=seed)
-        return OptunaSearch(metric=metrics, mode=modes, seed=seed)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+        return BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
 
-    return BasicVariantGenerator(random_state=seed)
+    metrics = list(sweep.objectives)
+    modes = [DIRECTIONS[m] for m in metrics]
+    if len(metrics) == 1:
+        metrics, modes = metrics[0], modes[0]
+    return ConcurrencyLimiter(OptunaSearch(metric=metrics, mode=modes, seed=seed), max_concurrent=concurrency)
 
 
 def scheduler(cfg: Config):
@@ -194,10 +198,9 @@ def build_tuner(cfg: Config, root: Path, shared: dict, concurrency: int, restore
         trainable,
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
-            search_alg=search_algorithm(cfg),
+            search_alg=search_algorithm(cfg, concurrency),
             scheduler=scheduler(cfg),
             num_samples=cfg.sweep.num_samples,
-            max_concurrent_trials=concurrency,
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
         run_config=ray.tune.RunConfig(
