@@ -220,8 +220,7 @@ def judged_rows(
         verdicts = judge.refused([r["prompt"] for r in checked], [r["chosen"] for r in checked]) if checked else []
         for row, refused in zip(checked, verdicts):
             route_source_answer(row, bool(refused), pairs.source_complies)
-    open_rows = [r for r in rows if r["filter_reason"] is None]
-    sampled = [r for r in open_rows if r.get("category") in policy] if on_policy else []
+    sampled = [r for r in rows if r["filter_reason"] is None and r.get("category") in policy] if on_policy else []
     if sampled:  # before the chosen side is generated: a sampled chosen makes that generation unnecessary
         draw = dataclasses.replace(sampling, n=pairs.samples, temperature=pairs.sample_temperature)
         texts = [c.text for c in engine.generate([user_turns(r) for r in sampled], draw)]
