@@ -109,11 +109,14 @@ def test_policy_export_loads_in_the_vllm_engine(ray_local, policy_run):
         }
     )
 
-    def generate_in_a_ray_worker(cfg):
-        return make_engine(cfg).generate(PROMPTS, Sampling(max_new_tokens=8))
+    def generate_in_a_ray_worker(cfg):  # as a Ray Data actor of the pair generator or the judge would
+        engine = make_engine(cfg)
+        return engine.generate(PROMPTS, Sampling(max_new_tokens=8)), engine.health()
 
     # max_calls=1: the worker process, and the vLLM processes under it, end with the task
-    completions = ray_local.get(ray_local.remote(num_cpus=0.5, max_calls=1)(generate_in_a_ray_worker).remote(cfg))
+    task = ray_local.remote(num_cpus=0.5, max_calls=1)(generate_in_a_ray_worker)
+    completions, health = ray_local.get(task.remote(cfg))
+    assert health["engine"] == "vllm" and health["requests_served"] == len(PROMPTS)
     for completion, conversation in zip(completions, PROMPTS):
         assert completion.token_ids == greedy(policy_run["model"], policy_run["tokenizer"], conversation)
 

@@ -218,6 +218,9 @@ def test_ppo_changes_the_policy_syncs_the_pool_and_resumes_exactly(tmp_path, mod
     assert logps.tolist() == pytest.approx(completion.logprobs, abs=1e-4)
 
 
+# Slow: Ray Train's restart of a killed worker stays in CI with DPO under ZeRO-3 (test_train_resume_on_cpu), and
+# PPO's own restore (policy, critic, optimizers, pool weights) in the exact-resume test above.
+@pytest.mark.slow
 def test_killed_worker_recovers_from_the_last_checkpoint(tmp_path, model_dir, prompts_dir, pool, full_run, monkeypatch):
     """Rank 1 SIGKILLs itself after iteration 2, before its checkpoint: Ray Train restarts both workers from
     step_1 (policy, critic, optimizers), the pool gets step_1's policy back, and iteration 2 is redone, logged
@@ -280,7 +283,10 @@ def test_ama_ppo_with_reward_model_under_zero3(tmp_path, model_dir, prompts_dir,
     assert float((critic.score_head.weight - reward.score_head.weight).detach().abs().max()) > 0
 
 
-@pytest.mark.parametrize(("cost_rule", "direction"), [("always_one", 1), ("always_zero", -1)])
+# One direction end to end in CI; the update's sign both ways is checked by hand in test_ppo_losses_on_cpu.
+@pytest.mark.parametrize(
+    ("cost_rule", "direction"), [("always_one", 1), pytest.param("always_zero", -1, marks=pytest.mark.slow)]
+)
 def test_lagrangian_moves_lambda_with_the_episode_cost(tmp_path, model_dir, prompts_dir, pool, cost_rule, direction):
     out = tmp_path / cost_rule
     lagrangian = {"cost_rule": cost_rule, "cost_threshold": 0.5, "lambda_init": 1.0, "lambda_lr": 0.2}
