@@ -105,9 +105,10 @@ SOURCE_COMPLIES = "judged: the source's own chosen answer to a risky prompt is n
 
 
 def route_source_answer(row: dict, refused: bool, action: str) -> dict:
-    """``pairs.source_complies`` (``drop`` or ``benign``; the caller skips ``keep``): a risky row whose source chosen answer is not a refusal (``refused`` False)
-    is dropped (``filter_reason``) or made benign (category none, the source answer stays the chosen side);
-    ``meta.source_complies`` keeps the category it came with. A refusing source answer leaves the row as is."""
+    """``pairs.source_complies`` = ``drop`` or ``benign`` (the caller skips ``keep``): a risky row whose source
+    chosen answer is not a refusal (``refused`` False) is dropped (``filter_reason``) or made benign (category
+    none, the source answer stays the chosen side); ``meta.source_complies`` keeps the category it came with. A
+    refusing source answer leaves the row as is."""
     if refused:
         return row
     if action == "drop":
