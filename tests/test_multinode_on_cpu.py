@@ -73,7 +73,9 @@ def test_ppo_trainer_on_two_nodes_syncs_an_engine_on_a_third_on_cpu(tmp_path):
 
 
 # Three raylets, two engines, four generate calls: 24-29 s on the idle 2-core machine (243 s at nice 19 under a
-# load average of ~10). Runs in CI.
+# load average of ~10). Slow: an engine killed on one node stays in CI (test_rollout_pool_on_cpu), and so does
+# a node lost mid-stage (test_multinode_data_on_cpu, categorize).
+@pytest.mark.slow
 def test_engine_node_lost_mid_rollout_its_prompts_go_to_the_survivor_on_cpu(tmp_path):
     """A stalled weight update across nodes, then engine 0's node is removed (raylet, object store, the engine's
     process) right after engine 0 wrote its marker for a call: its chunk is re-issued to engine 1, which then

@@ -183,6 +183,7 @@ def test_dpo_implicit_scores_are_zscored_beta_logratios(ray_local, tmp_path, mod
     assert manifest["scorer_accuracy"]["count"] == agrees and manifest["scorer_accuracy"]["n"] == 8
 
 
+@pytest.mark.slow  # a third score run (~21 s); what the trainer does with flat scores stays in CI (test_ama_on_cpu)
 def test_pairs_outside_ama_categories_get_flat_scores(ray_local, tmp_path, models):
     paths, tok = models
     ama = {"scorer": "dpo_implicit", "scorer_model": str(paths["policy"]), "scorer_ref_model": str(paths["base"])}
