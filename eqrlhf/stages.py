@@ -315,7 +315,7 @@ PIPELINE = [
         run_mix,
         "build a training mixture from categorized data",
         lambda c: ("mix", "run.seed", "data.rows_per_block"),
-        lambda c: [c.stage_dir(c.mix.input, "categorized")],
+        lambda c: [c.stage_dir(c.mix.input, "categorized"), *(c.resolve_path(d) for d in c.mix.exclude)],
         lambda c: c.stage_dir(c.mix.output, "mixture"),
         check=validate_mix,
     ),

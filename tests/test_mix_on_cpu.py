@@ -127,6 +127,25 @@ def test_duplicates_are_counted_and_can_be_kept(categorized):
         run_mix(config(categorized, counts={"EHD": 40}))
 
 
+def test_held_out_rows_are_excluded_and_counted(categorized):
+    # the held-out mixture repeats MHD rows (#r1 copies): a copy holds its row out too
+    first = config(categorized, counts={"EHD": 10, "MHD": 12}, with_replacement=True, output=str(categorized / "first"))
+    run_mix(first)
+    taken = {i.split("#r")[0] for i in read_rows(categorized / "first").column("id").to_pylist()}
+    assert len(taken) == 20
+    rest = config(categorized, counts={"EHD": 25, "IHD": 20}, exclude=[str(categorized / "first")])
+    manifest = run_mix(rest)
+    ids = read_rows(rest.run.dir / "mixture").column("id").to_pylist()
+    assert not taken & set(ids) and len(ids) == 45  # every EHD row not held out (35 - 10), every IHD row
+    assert manifest["filtered"]["held out"] == 20 and manifest["mix"]["held_out_from"] == [str(categorized / "first")]
+    assert manifest["mix"]["categories"]["MHD"]["available"] == 0
+    assert manifest["rows_written"] + sum(manifest["filtered"].values()) == manifest["rows_read"]
+    with pytest.raises(ValueError, match="category EHD asks for 26 rows but only 25 are available"):
+        run_mix(config(categorized, counts={"EHD": 26}, exclude=[str(categorized / "first")]))
+    with pytest.raises(FileNotFoundError, match="no stage output at .*nowhere.*run the previous stage first"):
+        run_mix(config(categorized, counts={"EHD": 1}, exclude=[str(categorized / "nowhere")]))
+
+
 def test_bottom_k_never_holds_more_than_k_rows():
     keys = random.Random(0).sample(range(10**9), 5000)
     top = BottomK(7)

@@ -127,4 +127,17 @@ step "dev split: the SFT arm with seed 1 (the seed-to-seed spread)"
 done_if $R/mixture_sft_seed1/manifest.json || $E mix -c $C/sft_seed1.yaml > $R/logs/mix_sft_seed1.log 2>&1
 done_if $R/sft_seed1/final/config.json || $E train -c $C/sft_seed1.yaml > $R/logs/sft_seed1.log 2>&1
 evaluate dev sft_seed1 $R/sft_seed1/final $C/sft.yaml $C/sft_seed1.yaml
+step "dev split: FDC + AMA-DPO at scale 50 with a reward-model scorer trained on the pool's other pairs"
+done_if $R/mixture_fdc50/manifest.json || $E mix -c $C/ama_dpo_fdc_rm.yaml > $R/logs/mix_fdc50.log 2>&1
+done_if $R/pairs_fdc50/manifest.json || $E pairs -c $C/ama_dpo_fdc_rm.yaml > $R/logs/pairs_fdc50.log 2>&1
+done_if $R/mixture_rm_heldout/manifest.json || $E mix -c $C/reward_fdc_heldout.yaml > $R/logs/mix_rm_heldout.log 2>&1
+done_if $R/pairs_rm_heldout/manifest.json || $E pairs -c $C/reward_fdc_heldout.yaml > $R/logs/pairs_rm_heldout.log 2>&1
+done_if $R/reward_fdc_heldout/final/config.json || $E train -c $C/reward_fdc_heldout.yaml \
+  > $R/logs/reward_fdc_heldout.log 2>&1
+done_if $R/scored_fdc50_rm/manifest.json || $E score -c $C/ama_dpo_fdc_rm.yaml > $R/logs/score_fdc50_rm.log 2>&1
+done_if $R/ama_dpo_fdc50_rm/final/config.json || $E train -c $C/ama_dpo_fdc_rm.yaml > $R/logs/ama_dpo_fdc50_rm.log 2>&1
+evaluate dev sft_balanced_fdc_ama_rm $R/ama_dpo_fdc50_rm/final $C/sft_balanced.yaml $C/pairs_fdc_pool.yaml \
+  $C/sweep_scale_dpo_all.yaml $C/sweep_scale_fdc_dpo.yaml $C/sweep_scale_fdc_ama.yaml $C/reward_fdc_heldout.yaml \
+  $C/ama_dpo_fdc_rm.yaml
+cp $R/scored_fdc50_rm/manifest.json docs/results/efficacy/dev/sft_balanced_fdc_ama_rm/score_manifest.json
 step finished

@@ -91,6 +91,9 @@ class MixSection(Section):
     general_ratio: float = Field(0.0, ge=0)  # general (category none) rows per safety row
     with_replacement: bool = False
     exclude_duplicates: bool = True
+    # stage dirs (a mixture, pairs, ...) whose row ids are held out of this mixture: a reward model trained on
+    # the rest can then be scored on pairs it never saw. Filtered and counted as "held out"
+    exclude: list[str] = Field(default_factory=list)
 
     @field_validator("counts", "ratios")
     @classmethod

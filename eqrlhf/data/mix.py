@@ -102,6 +102,15 @@ def iter_stage_rows(stage_dir: Path, batch_rows: int):
             yield from batch.to_pylist()
 
 
+def held_out_ids(cfg) -> set[str]:
+    """Row ids of the stage dirs in ``mix.exclude``; a repeated row's copy suffix (``#rK``) is dropped."""
+    ids: set[str] = set()
+    for stage in cfg.mix.exclude:
+        for row in iter_stage_rows(cfg.resolve_path(stage), cfg.data.rows_per_block):
+            ids.add(row["id"].split("#r")[0])
+    return ids
+
+
 def with_repeats(rows: list[dict], asked: int) -> tuple[list[dict], int]:
     """Cycle through ``rows`` (in key order) until ``asked``; copy K of a row gets id suffix ``#rK``."""
     out = list(rows)
@@ -118,13 +127,17 @@ def run_mix(cfg) -> dict:
     seed, mix = cfg.run.seed, cfg.mix
     in_dir = cfg.stage_dir(mix.input, "categorized")
     picks = {cat: BottomK(k) for cat, k in asked.items()}
+    held_out = held_out_ids(cfg)
     available = dict.fromkeys(CATEGORIES, 0)
-    read, skipped = 0, {"duplicate": 0, "uncategorized": 0}
+    read, skipped = 0, {"duplicate": 0, "uncategorized": 0, "held out": 0}
     for row in iter_stage_rows(in_dir, cfg.data.rows_per_block):
         read += 1
         cat = row.get("category")
         if cat not in available:
             skipped["uncategorized"] += 1
+            continue
+        if row["id"] in held_out:
+            skipped["held out"] += 1
             continue
         if mix.exclude_duplicates and row.get("dup_of"):
             skipped["duplicate"] += 1
@@ -169,6 +182,7 @@ def run_mix(cfg) -> dict:
                 "with_replacement": mix.with_replacement,
                 "rows_repeated": sum(r["repeated"] for r in report.values()),
                 "exclude_duplicates": mix.exclude_duplicates,
+                "held_out_from": list(mix.exclude),
                 "categories": report,
             }
         )
