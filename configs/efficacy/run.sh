@@ -139,7 +139,10 @@ done_if $R/ama_dpo_fdc50_rm/final/config.json || $E train -c $C/ama_dpo_fdc_rm.y
 evaluate dev sft_balanced_fdc_ama_rm $R/ama_dpo_fdc50_rm/final $C/sft_balanced.yaml $C/pairs_fdc_pool.yaml \
   $C/sweep_scale_dpo_all.yaml $C/sweep_scale_fdc_dpo.yaml $C/sweep_scale_fdc_ama.yaml $C/reward_fdc_heldout.yaml \
   $C/ama_dpo_fdc_rm.yaml
-cp $R/scored_fdc50_rm/manifest.json docs/results/efficacy/dev/sft_balanced_fdc_ama_rm/score_manifest.json
+out=docs/results/efficacy/dev/sft_balanced_fdc_ama_rm
+cp $R/scored_fdc50_rm/manifest.json $out/score_manifest.json
+cp $R/reward_fdc_heldout/manifest.json $out/reward_model_manifest.json
+cp $R/mixture_rm_heldout/manifest.json $out/reward_mixture_manifest.json
 done_if $R/dpo_fdc50/final/config.json || $E train -c $C/dpo_fdc50.yaml > $R/logs/dpo_fdc50.log 2>&1
 evaluate dev sft_balanced_fdc_dpo50 $R/dpo_fdc50/final $C/sft_balanced.yaml $C/pairs_fdc_pool.yaml \
   $C/sweep_scale_dpo_all.yaml $C/sweep_scale_fdc_dpo.yaml $C/ama_dpo_fdc_rm.yaml $C/dpo_fdc50.yaml
