@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +24,7 @@ from eqrlhf.data.schema import ROW_SCHEMA
 from eqrlhf.manifest import StageWriter, rows_path
 
 SAFETY = ("EHD", "IHD", "MHD")
+REPEAT_SUFFIX = re.compile(r"#r\d+$")  # what with_repeats appends to a repeated row's id
 
 
 def validate_mix(cfg) -> dict[str, int]:
@@ -107,7 +109,7 @@ def held_out_ids(cfg) -> set[str]:
     ids: set[str] = set()
     for stage in cfg.mix.exclude:
         for row in iter_stage_rows(cfg.resolve_path(stage), cfg.data.rows_per_block):
-            ids.add(row["id"].split("#r")[0])
+            ids.add(REPEAT_SUFFIX.sub("", row["id"]))
     return ids
 
 
