@@ -146,4 +146,14 @@ cp $R/mixture_rm_heldout/manifest.json $out/reward_mixture_manifest.json
 done_if $R/dpo_fdc50/final/config.json || $E train -c $C/dpo_fdc50.yaml > $R/logs/dpo_fdc50.log 2>&1
 evaluate dev sft_balanced_fdc_dpo50 $R/dpo_fdc50/final $C/sft_balanced.yaml $C/pairs_fdc_pool.yaml \
   $C/sweep_scale_dpo_all.yaml $C/sweep_scale_fdc_dpo.yaml $C/ama_dpo_fdc_rm.yaml $C/dpo_fdc50.yaml
+O="ama.categories=[EHD,IHD,MHD] ama.output=$R/scored_fdc50_rm_harmful train.input=$R/scored_fdc50_rm_harmful"
+O="$O train.output=$R/ama_dpo_fdc50_rm_harmful"  # the same arm with the mask on the harmful pairs only
+done_if $R/scored_fdc50_rm_harmful/manifest.json || $E score -c $C/ama_dpo_fdc_rm.yaml $O \
+  > $R/logs/score_fdc50_rm_harmful.log 2>&1
+done_if $R/ama_dpo_fdc50_rm_harmful/final/config.json || $E train -c $C/ama_dpo_fdc_rm.yaml $O \
+  > $R/logs/ama_dpo_fdc50_rm_harmful.log 2>&1
+evaluate dev sft_balanced_fdc_ama_rm_harmful_masks $R/ama_dpo_fdc50_rm_harmful/final $C/sft_balanced.yaml \
+  $C/pairs_fdc_pool.yaml $C/sweep_scale_dpo_all.yaml $C/sweep_scale_fdc_dpo.yaml $C/sweep_scale_fdc_ama.yaml \
+  $C/reward_fdc_heldout.yaml $C/ama_dpo_fdc_rm.yaml
+cp $R/scored_fdc50_rm_harmful/manifest.json docs/results/efficacy/dev/sft_balanced_fdc_ama_rm_harmful_masks/score_manifest.json
 step finished
