@@ -107,9 +107,10 @@ def iter_stage_rows(stage_dir: Path, batch_rows: int):
 def held_out_ids(cfg) -> set[str]:
     """Row ids of the stage dirs in ``mix.exclude``; a repeated row's copy suffix (``#rK``) is dropped."""
     ids: set[str] = set()
-    for stage in cfg.mix.exclude:
-        for row in iter_stage_rows(cfg.resolve_path(stage), cfg.data.rows_per_block):
-            ids.add(REPEAT_SUFFIX.sub("", row["id"]))
+    for stage in cfg.mix.exclude:  # only the id column is read: an excluded stage can be a large corpus
+        for shard in sorted(rows_path(cfg.resolve_path(stage)).glob("*.parquet")):
+            for batch in pq.ParquetFile(shard).iter_batches(batch_size=cfg.data.rows_per_block, columns=["id"]):
+                ids.update(REPEAT_SUFFIX.sub("", i) for i in batch.column("id").to_pylist())
     return ids
 
 
