@@ -156,4 +156,12 @@ evaluate dev sft_balanced_fdc_ama_rm_harmful_masks $R/ama_dpo_fdc50_rm_harmful/f
   $C/pairs_fdc_pool.yaml $C/sweep_scale_dpo_all.yaml $C/sweep_scale_fdc_dpo.yaml $C/sweep_scale_fdc_ama.yaml \
   $C/reward_fdc_heldout.yaml $C/ama_dpo_fdc_rm.yaml
 cp $R/scored_fdc50_rm_harmful/manifest.json docs/results/efficacy/dev/sft_balanced_fdc_ama_rm_harmful_masks/score_manifest.json
+step "dev split: step 12's benign-heavy pairs sampled from plain SFT (seed 1), DPO from it"
+done_if $R/pairs_sft_benign_heavy/manifest.json || $E pairs -c $C/pairs_sft_benign_heavy.yaml \
+  > $R/logs/pairs_sft_benign_heavy.log 2>&1
+done_if $R/dpo_sft_benign_heavy/final/config.json || $E train -c $C/dpo_sft_benign_heavy.yaml \
+  > $R/logs/dpo_sft_benign_heavy.log 2>&1
+evaluate dev sft_dpo_benign_heavy $R/dpo_sft_benign_heavy/final $C/sft.yaml $C/sft_seed1.yaml $C/pairs_onpolicy.yaml \
+  $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_sft_benign_heavy.yaml $C/dpo_onpolicy.yaml \
+  $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml $C/dpo_sft_benign_heavy.yaml
 step finished
