@@ -164,4 +164,11 @@ done_if $R/dpo_sft_benign_heavy/final/config.json || $E train -c $C/dpo_sft_beni
 evaluate dev sft_dpo_benign_heavy $R/dpo_sft_benign_heavy/final $C/sft.yaml $C/sft_seed1.yaml $C/pairs_onpolicy.yaml \
   $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_sft_benign_heavy.yaml $C/dpo_onpolicy.yaml \
   $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml $C/dpo_sft_benign_heavy.yaml
+done_if $R/mixture_sft_mid_mix/manifest.json || $E mix -c $C/dpo_sft_mid_mix.yaml > $R/logs/mix_sft_mid_mix.log 2>&1
+done_if $R/pairs_sft_mid_mix/manifest.json || $E pairs -c $C/dpo_sft_mid_mix.yaml > $R/logs/pairs_sft_mid_mix.log 2>&1
+done_if $R/dpo_sft_mid_mix/final/config.json || $E train -c $C/dpo_sft_mid_mix.yaml > $R/logs/dpo_sft_mid_mix.log 2>&1
+evaluate dev sft_dpo_mid_mix $R/dpo_sft_mid_mix/final $C/sft.yaml $C/sft_seed1.yaml $C/pairs_onpolicy.yaml \
+  $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_sft_benign_heavy.yaml $C/dpo_onpolicy.yaml \
+  $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml $C/dpo_sft_benign_heavy.yaml $C/dpo_sft_mid_mix.yaml
+cp $R/mixture_sft_mid_mix/manifest.json docs/results/efficacy/dev/sft_dpo_mid_mix/mixture_manifest.json
 step finished
