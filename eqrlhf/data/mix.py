@@ -24,7 +24,8 @@ from eqrlhf.data.schema import ROW_SCHEMA
 from eqrlhf.manifest import StageWriter, rows_path
 
 SAFETY = ("EHD", "IHD", "MHD")
-REPEAT_SUFFIX = re.compile(r"#r\d+$")  # what with_repeats appends to a repeated row's id
+REPEAT_MARK = "#r"  # with_repeats gives copy K of a row the id "<id>#rK"; held_out_ids strips it again
+REPEAT_SUFFIX = re.compile(re.escape(REPEAT_MARK) + r"\d+$")
 
 
 def validate_mix(cfg) -> dict[str, int]:
@@ -97,10 +98,10 @@ class BottomK:
         return [row for _, _, row in sorted(self._heap, key=lambda item: (-item[0], item[1]))]
 
 
-def iter_stage_rows(stage_dir: Path, batch_rows: int):
-    """Stream rows of a stage output shard by shard (never the whole corpus in memory)."""
+def iter_stage_rows(stage_dir: Path, batch_rows: int, columns: list[str] | None = None):
+    """Stream rows (or only ``columns`` of them) of a stage output shard by shard (never the whole corpus in memory)."""
     for shard in sorted(rows_path(stage_dir).glob("*.parquet")):
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows):
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows, columns=columns):
             yield from batch.to_pylist()
 
 
@@ -108,9 +109,8 @@ def held_out_ids(cfg) -> set[str]:
     """Row ids of the stage dirs in ``mix.exclude``; a repeated row's copy suffix (``#rK``) is dropped."""
     ids: set[str] = set()
     for stage in cfg.mix.exclude:  # only the id column is read: an excluded stage can be a large corpus
-        for shard in sorted(rows_path(cfg.resolve_path(stage)).glob("*.parquet")):
-            for batch in pq.ParquetFile(shard).iter_batches(batch_size=cfg.data.rows_per_block, columns=["id"]):
-                ids.update(REPEAT_SUFFIX.sub("", i) for i in batch.column("id").to_pylist())
+        for row in iter_stage_rows(cfg.resolve_path(stage), cfg.data.rows_per_block, columns=["id"]):
+            ids.add(REPEAT_SUFFIX.sub("", row["id"]))
     return ids
 
 
@@ -119,7 +119,7 @@ def with_repeats(rows: list[dict], asked: int) -> tuple[list[dict], int]:
     out = list(rows)
     for extra in range(asked - len(rows)):
         row = dict(rows[extra % len(rows)])
-        row["id"] = f"{row['id']}#r{extra // len(rows) + 1}"
+        row["id"] = f"{row['id']}{REPEAT_MARK}{extra // len(rows) + 1}"
         out.append(row)
     return out, asked - len(rows)
 
