@@ -178,4 +178,15 @@ evaluate dev sft_dpo_mix45 $R/dpo_sft_mix45/final $C/sft.yaml $C/sft_seed1.yaml 
   $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_sft_benign_heavy.yaml $C/dpo_onpolicy.yaml \
   $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml $C/dpo_sft_benign_heavy.yaml $C/dpo_sft_mid_mix.yaml $C/dpo_sft_mix45.yaml
 cp $R/mixture_sft_mix45/manifest.json docs/results/efficacy/dev/sft_dpo_mix45/mixture_manifest.json
+done_if $R/mixture_sft_mid_mix_seed1/manifest.json || $E mix -c $C/dpo_sft_mid_mix_seed1.yaml \
+  > $R/logs/mix_sft_mid_mix_seed1.log 2>&1
+done_if $R/pairs_sft_mid_mix_seed1/manifest.json || $E pairs -c $C/dpo_sft_mid_mix_seed1.yaml \
+  > $R/logs/pairs_sft_mid_mix_seed1.log 2>&1
+done_if $R/dpo_sft_mid_mix_seed1/final/config.json || $E train -c $C/dpo_sft_mid_mix_seed1.yaml \
+  > $R/logs/dpo_sft_mid_mix_seed1.log 2>&1
+evaluate dev sft_dpo_mid_mix_seed1 $R/dpo_sft_mid_mix_seed1/final $C/sft.yaml $C/sft_seed1.yaml $C/pairs_onpolicy.yaml \
+  $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_sft_benign_heavy.yaml $C/dpo_onpolicy.yaml \
+  $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml $C/dpo_sft_benign_heavy.yaml $C/dpo_sft_mid_mix.yaml \
+  $C/dpo_sft_mid_mix_seed1.yaml
+cp $R/mixture_sft_mid_mix_seed1/manifest.json docs/results/efficacy/dev/sft_dpo_mid_mix_seed1/mixture_manifest.json
 step finished
