@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,10 +288,15 @@ def test_ama_ppo_with_reward_model_under_zero3(tmp_path, model_dir, prompts_dir,
 @pytest.mark.parametrize(
     ("cost_rule", "direction"), [("always_one", 1), pytest.param("always_zero", -1, marks=pytest.mark.slow)]
 )
-def test_lagrangian_moves_lambda_with_the_episode_cost(tmp_path, model_dir, prompts_dir, pool, cost_rule, direction):
+def test_lagrangian_moves_lambda_with_the_episode_cost(
+    tmp_path, model_dir, prompts_dir, pool, cost_rule, direction, monkeypatch
+):
     out = tmp_path / cost_rule
     lagrangian = {"cost_rule": cost_rule, "cost_threshold": 0.5, "lambda_init": 1.0, "lambda_lr": 0.2}
-    cfg = ppo_config(out, model_dir, prompts_dir, algorithm={"loss": "ppo_lagrangian"}, ppo=lagrangian,
+    # the policy as a path relative to where the command runs, as a user writes it: Ray Train workers run in
+    # another directory, so the driver must hand them an absolute path, not a name the hub would be asked for
+    monkeypatch.chdir(model_dir.parent)
+    cfg = ppo_config(out, Path(model_dir.name), prompts_dir, algorithm={"loss": "ppo_lagrangian"}, ppo=lagrangian,
                      train={"num_workers": 1})  # fmt: skip
     run_ppo(cfg, pool=pool)
     [line] = metric_lines(out)

@@ -44,6 +44,7 @@ from eqrlhf.train.driver import (
     scaling_config,
     train_dir,
     train_output,
+    with_absolute_model_path,
     worker_env,
 )
 from eqrlhf.train.metrics import METRICS_FILE, TB_DIR, read_metrics
@@ -159,10 +160,7 @@ def run_train(cfg: Config) -> dict:
         from eqrlhf.train.ppo import run_ppo
 
         return run_ppo(cfg)
-    if Path(cfg.model.name_or_path).is_dir():  # a local checkpoint: Ray Train workers run in another directory
-        # a copy, not an edit: the caller writes the stage's fingerprint from its own config afterwards
-        model = cfg.model.model_copy(update={"name_or_path": str(Path(cfg.model.name_or_path).resolve())})
-        cfg = cfg.model_copy(update={"model": model})
+    cfg = with_absolute_model_path(cfg)
     plan = prepare_train(cfg)
     out = Path(plan["train_dir"])
     # written beside the previous output and swapped in at the end (see train_output); paths in the

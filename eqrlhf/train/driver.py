@@ -26,6 +26,16 @@ def train_dir(cfg: Config) -> Path:
     return cfg.stage_dir(cfg.train.output, "train")
 
 
+def with_absolute_model_path(cfg: Config) -> Config:
+    """``cfg`` with a local model directory made absolute: Ray Train workers run in another directory, where a
+    relative path would be taken for a hub id. A copy, not an edit: the caller writes the stage's fingerprint
+    from its own config afterwards."""
+    if not Path(cfg.model.name_or_path).is_dir():
+        return cfg
+    model = cfg.model.model_copy(update={"name_or_path": str(Path(cfg.model.name_or_path).resolve())})
+    return cfg.model_copy(update={"model": model})
+
+
 def check_settings(cfg: Config) -> None:
     """The training settings that need no data (the loss name itself is checked when the config loads)."""
     loss = cfg.algorithm.loss

@@ -35,6 +35,7 @@ from eqrlhf.train.driver import (
     scaling_config,
     train_dir,
     train_output,
+    with_absolute_model_path,
     worker_env,
 )
 
@@ -261,6 +262,7 @@ def summary_text(manifest: dict) -> str:
 
 def run_ppo(cfg: Config, pool=None) -> dict:
     """Validate, start the engine pool (unless ``pool`` is given), train, write ``manifest.json``."""
+    cfg = with_absolute_model_path(cfg)
     plan = prepare_ppo(cfg)
     out = Path(plan["train_dir"])
     # written beside the previous output and swapped in at the end, as offline training (train_output)
