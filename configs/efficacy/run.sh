@@ -189,4 +189,8 @@ evaluate dev sft_dpo_mid_mix_seed1 $R/dpo_sft_mid_mix_seed1/final $C/sft.yaml $C
   $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml $C/dpo_sft_benign_heavy.yaml $C/dpo_sft_mid_mix.yaml \
   $C/dpo_sft_mid_mix_seed1.yaml
 cp $R/mixture_sft_mid_mix_seed1/manifest.json docs/results/efficacy/dev/sft_dpo_mid_mix_seed1/mixture_manifest.json
+done_if $R/ppo_lagrangian_sft/final/config.json || $E train -c $C/ppo_lagrangian_sft.yaml \
+  > $R/logs/ppo_lagrangian_sft.log 2>&1
+evaluate dev sft_ppo_lagrangian $R/ppo_lagrangian_sft/final $C/sft.yaml $C/sft_seed1.yaml configs/ppo_cpu.yaml \
+  configs/ppo_lagrangian_cpu.yaml $C/ppo_lagrangian_sft.yaml
 step finished
