@@ -161,34 +161,23 @@ done_if $R/pairs_sft_benign_heavy/manifest.json || $E pairs -c $C/pairs_sft_beni
   > $R/logs/pairs_sft_benign_heavy.log 2>&1
 done_if $R/dpo_sft_benign_heavy/final/config.json || $E train -c $C/dpo_sft_benign_heavy.yaml \
   > $R/logs/dpo_sft_benign_heavy.log 2>&1
-evaluate dev sft_dpo_benign_heavy $R/dpo_sft_benign_heavy/final $C/sft.yaml $C/sft_seed1.yaml $C/pairs_onpolicy.yaml \
-  $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_sft_benign_heavy.yaml $C/dpo_onpolicy.yaml \
-  $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml $C/dpo_sft_benign_heavy.yaml
-done_if $R/mixture_sft_mid_mix/manifest.json || $E mix -c $C/dpo_sft_mid_mix.yaml > $R/logs/mix_sft_mid_mix.log 2>&1
-done_if $R/pairs_sft_mid_mix/manifest.json || $E pairs -c $C/dpo_sft_mid_mix.yaml > $R/logs/pairs_sft_mid_mix.log 2>&1
-done_if $R/dpo_sft_mid_mix/final/config.json || $E train -c $C/dpo_sft_mid_mix.yaml > $R/logs/dpo_sft_mid_mix.log 2>&1
-evaluate dev sft_dpo_mid_mix $R/dpo_sft_mid_mix/final $C/sft.yaml $C/sft_seed1.yaml $C/pairs_onpolicy.yaml \
-  $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_sft_benign_heavy.yaml $C/dpo_onpolicy.yaml \
-  $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml $C/dpo_sft_benign_heavy.yaml $C/dpo_sft_mid_mix.yaml
-cp $R/mixture_sft_mid_mix/manifest.json docs/results/efficacy/dev/sft_dpo_mid_mix/mixture_manifest.json
-done_if $R/mixture_sft_mix45/manifest.json || $E mix -c $C/dpo_sft_mix45.yaml > $R/logs/mix_sft_mix45.log 2>&1
-done_if $R/pairs_sft_mix45/manifest.json || $E pairs -c $C/dpo_sft_mix45.yaml > $R/logs/pairs_sft_mix45.log 2>&1
-done_if $R/dpo_sft_mix45/final/config.json || $E train -c $C/dpo_sft_mix45.yaml > $R/logs/dpo_sft_mix45.log 2>&1
-evaluate dev sft_dpo_mix45 $R/dpo_sft_mix45/final $C/sft.yaml $C/sft_seed1.yaml $C/pairs_onpolicy.yaml \
-  $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_sft_benign_heavy.yaml $C/dpo_onpolicy.yaml \
-  $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml $C/dpo_sft_benign_heavy.yaml $C/dpo_sft_mid_mix.yaml $C/dpo_sft_mix45.yaml
-cp $R/mixture_sft_mix45/manifest.json docs/results/efficacy/dev/sft_dpo_mix45/mixture_manifest.json
-done_if $R/mixture_sft_mid_mix_seed1/manifest.json || $E mix -c $C/dpo_sft_mid_mix_seed1.yaml \
-  > $R/logs/mix_sft_mid_mix_seed1.log 2>&1
-done_if $R/pairs_sft_mid_mix_seed1/manifest.json || $E pairs -c $C/dpo_sft_mid_mix_seed1.yaml \
-  > $R/logs/pairs_sft_mid_mix_seed1.log 2>&1
-done_if $R/dpo_sft_mid_mix_seed1/final/config.json || $E train -c $C/dpo_sft_mid_mix_seed1.yaml \
-  > $R/logs/dpo_sft_mid_mix_seed1.log 2>&1
-evaluate dev sft_dpo_mid_mix_seed1 $R/dpo_sft_mid_mix_seed1/final $C/sft.yaml $C/sft_seed1.yaml $C/pairs_onpolicy.yaml \
-  $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml $C/pairs_sft_benign_heavy.yaml $C/dpo_onpolicy.yaml \
-  $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml $C/dpo_sft_benign_heavy.yaml $C/dpo_sft_mid_mix.yaml \
-  $C/dpo_sft_mid_mix_seed1.yaml
-cp $R/mixture_sft_mid_mix_seed1/manifest.json docs/results/efficacy/dev/sft_dpo_mid_mix_seed1/mixture_manifest.json
+# the config chain behind every arm trained on step 19's pairs (copied beside each arm's results)
+SFT_PAIRS_CHAIN="$C/sft.yaml $C/sft_seed1.yaml $C/pairs_onpolicy.yaml $C/pairs_balanced.yaml $C/pairs_benign_heavy.yaml
+  $C/pairs_sft_benign_heavy.yaml $C/dpo_onpolicy.yaml $C/dpo_balanced.yaml $C/dpo_benign_heavy.yaml
+  $C/dpo_sft_benign_heavy.yaml"
+evaluate dev sft_dpo_benign_heavy $R/dpo_sft_benign_heavy/final $SFT_PAIRS_CHAIN
+drawn_down_arm() {  # drawn_down_arm <key> <configs dpo_sft_<key>.yaml extends...>: step 19's pairs drawn down, DPO
+  local k=$1 f=$C/dpo_sft_$1.yaml
+  shift
+  done_if $R/mixture_sft_$k/manifest.json || $E mix -c $f > $R/logs/mix_sft_$k.log 2>&1
+  done_if $R/pairs_sft_$k/manifest.json || $E pairs -c $f > $R/logs/pairs_sft_$k.log 2>&1
+  done_if $R/dpo_sft_$k/final/config.json || $E train -c $f > $R/logs/dpo_sft_$k.log 2>&1
+  evaluate dev sft_dpo_$k $R/dpo_sft_$k/final $SFT_PAIRS_CHAIN "$@" $f
+  cp $R/mixture_sft_$k/manifest.json docs/results/efficacy/dev/sft_dpo_$k/mixture_manifest.json
+}
+drawn_down_arm mid_mix                              # 19b: 40% harmful
+drawn_down_arm mix45 $C/dpo_sft_mid_mix.yaml        # 19c: 45% harmful
+drawn_down_arm mid_mix_seed1 $C/dpo_sft_mid_mix.yaml  # 19d: 19b with run.seed 1
 done_if $R/ppo_lagrangian_sft/final/config.json || $E train -c $C/ppo_lagrangian_sft.yaml \
   > $R/logs/ppo_lagrangian_sft.log 2>&1
 evaluate dev sft_ppo_lagrangian $R/ppo_lagrangian_sft/final $C/sft.yaml $C/sft_seed1.yaml configs/ppo_cpu.yaml \
