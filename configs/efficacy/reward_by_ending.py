@@ -3,8 +3,8 @@ whether the answer ended or was cut at the evaluation's token limit (step 20 of 
 
     .venv/bin/python configs/efficacy/reward_by_ending.py runs/efficacy/reward_fdc_heldout/final dev/sft_seed1
 
-Each answer is scored as PPO scores a rollout: the prompt through the policy's chat template with the generation
-prompt, the answer's tokens, and the end-of-sequence token when the answer ended.
+Each answer is scored as PPO scores a rollout, with the project's own encoding (eqrlhf.data.tokenize): the prompt
+through the chat template with the generation prompt, the answer's tokens, and EOS when the answer ended.
 """
 
 from __future__ import annotations
@@ -15,26 +15,23 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
+from eqrlhf.data.tokenize import encode_prompt, encode_response
 from eqrlhf.models.heads import ScalarHeadLM, last_token_scores
+from eqrlhf.models.loading import load_tokenizer
 
 
 def score(model: ScalarHeadLM, tokenizer, row: dict) -> float:
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=False
-    )
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids += tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-    if row["finish_reason"] == "stop":
-        ids.append(tokenizer.eos_token_id)
-    x = torch.tensor([ids])
+    response = encode_response(tokenizer, row["completion"])  # ends with EOS, as an answer that ended does
+    if row["finish_reason"] != "stop":
+        response = response[:-1]
+    x = torch.tensor([encode_prompt(tokenizer, row) + response])
     with torch.no_grad():
         return float(last_token_scores(model(x, torch.ones_like(x)), torch.ones_like(x))[0])
 
 
 def main(model_dir: str, arms: list[str]) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     model = ScalarHeadLM.load(model_dir).eval()
     print("| arm | prompts | answer | ended | n | mean score |\n|---|---|---|---|---|---|")
     for arm in arms:
